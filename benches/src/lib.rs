@@ -1,0 +1,1 @@
+//! Shared support for lull benchmarks.

@@ -1,0 +1,118 @@
+//! Where the engine learns when a connection last carried traffic.
+//!
+//! Three sources stand behind one trait, [`ActivitySource`]:
+//! - [`ActivityTable`]: the eBPF program's table, mapped into this process. Reading a
+//!   connection's activity is three memory loads.
+//! - [`TcpInfoSource`]: one `getsockopt(TCP_INFO)` per read. The fallback when the process may
+//!   not load BPF programs or the build has no BPF object.
+//! - [`SimulatedSource`]: the table's exact memory layout in ordinary memory, written by a
+//!   workload generator. It lets benchmarks run the real engine at millions of connections.
+
+mod cgroup;
+mod error;
+mod link_health;
+mod rows;
+mod sim;
+mod slots;
+mod table;
+mod tcp_info;
+
+use std::os::fd::BorrowedFd;
+
+pub use cgroup::cgroup2_root;
+pub use error::ActivityError;
+pub use lull_common::flags;
+pub use sim::SimulatedSource;
+pub use slots::Slot;
+pub(crate) use slots::{Grace, SlotAllocator, SlotState};
+pub use table::{ActivityTable, TableOptions, bpf_object_embedded};
+pub use tcp_info::{TcpInfoSource, TcpState, tcp_info};
+
+/// What a source knows about one connection.
+///
+/// Stamps are `CLOCK_MONOTONIC` nanoseconds, 0 when nothing was seen since registration. Only
+/// segments carrying payload count: a pure ACK proves the peer's kernel is alive, not its
+/// application.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Activity {
+    /// Last time payload was received.
+    pub last_rx_ns: u64,
+    /// Last time new payload was sent.
+    pub last_tx_ns: u64,
+    /// [`flags`] bits.
+    pub flags: u32,
+}
+
+impl Activity {
+    /// Whether the connection has closed, or half closed, in either direction.
+    pub fn closed(&self) -> bool {
+        self.flags & flags::CLOSED_MASK != 0
+    }
+}
+
+/// Which source an engine reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SourceKind {
+    /// The eBPF activity table.
+    Ebpf,
+    /// `getsockopt(TCP_INFO)` per read.
+    TcpInfo,
+    /// The simulated table used by benchmarks.
+    Simulated,
+}
+
+impl SourceKind {
+    /// A short lowercase name, as used in reports and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ebpf => "ebpf",
+            Self::TcpInfo => "tcp_info",
+            Self::Simulated => "simulated",
+        }
+    }
+}
+
+impl std::fmt::Display for SourceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A place the engine reads connection activity from.
+///
+/// The engine calls `attach` when a connection is watched, `read` each time its timer fires,
+/// and `detach` when it is no longer watched. `fd` is always the connection's live socket: the
+/// engine guarantees the handle has not been dropped while a call that takes it runs.
+pub trait ActivitySource: Send + Sync + 'static {
+    /// Which kind of source this is.
+    fn kind(&self) -> SourceKind;
+
+    /// Starts tracking `fd` in `slot`.
+    fn attach(&self, fd: BorrowedFd<'_>, slot: Slot) -> Result<(), ActivityError>;
+
+    /// Stops tracking `slot`. `fd` is the socket if it is still open, which lets a source drop
+    /// per-socket state at once rather than when the socket dies.
+    fn detach(&self, slot: Slot, fd: Option<BorrowedFd<'_>>);
+
+    /// Reads what is known of the connection in `slot`.
+    fn read(&self, slot: Slot, fd: BorrowedFd<'_>) -> Result<Activity, ActivityError>;
+
+    /// How far a stamp may be off. A probe counts as answered by payload stamped no earlier
+    /// than this before the probe was sent.
+    fn resolution_ns(&self) -> u64 {
+        0
+    }
+
+    /// Whether a kernel program may still write a slot shortly after `detach`, so that slots
+    /// must wait one RCU grace period before reuse.
+    fn detach_needs_grace(&self) -> bool {
+        false
+    }
+
+    /// Housekeeping the engine runs about once a second: forward kernel log records, and
+    /// report an error if the source stopped working (for example, its programs were detached
+    /// by another process). After an error the engine falls back to [`TcpInfoSource`].
+    fn check(&self) -> Result<(), ActivityError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,168 @@
+//! The activity rows as userspace sees them: a slice of atomics over memory the kernel writes.
+
+use std::{
+    io,
+    os::fd::{AsRawFd, BorrowedFd},
+    ptr::NonNull,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use lull_common::ActivityEntry;
+
+use super::Activity;
+
+/// One row, laid out exactly like [`ActivityEntry`] but made of atomics, because the kernel
+/// (or the simulator thread) writes it while the engine reads it.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub(crate) struct RowCell {
+    last_rx_ns: AtomicU64,
+    last_tx_ns: AtomicU64,
+    state: AtomicU64,
+}
+
+const _: () = assert!(size_of::<RowCell>() == size_of::<ActivityEntry>());
+const _: () = assert!(align_of::<RowCell>() == align_of::<ActivityEntry>());
+
+impl RowCell {
+    /// Reads the row: three loads, no system call.
+    #[inline]
+    pub(crate) fn read(&self) -> (u32, Activity) {
+        let state = self.state.load(Ordering::Acquire);
+        let activity = Activity {
+            last_rx_ns: self.last_rx_ns.load(Ordering::Relaxed),
+            last_tx_ns: self.last_tx_ns.load(Ordering::Relaxed),
+            flags: ActivityEntry::flags_of(state),
+        };
+        (ActivityEntry::generation_of(state), activity)
+    }
+
+    /// Clears the stamps and publishes `generation`. The stamps are cleared *before* the
+    /// generation is published, so a writer that passes the generation check only ever adds
+    /// to a clean row.
+    #[inline]
+    pub(crate) fn reset(&self, generation: u32) {
+        self.state.store(0, Ordering::Release);
+        self.last_rx_ns.store(0, Ordering::Relaxed);
+        self.last_tx_ns.store(0, Ordering::Relaxed);
+        self.state
+            .store(ActivityEntry::pack_state(generation, 0), Ordering::Release);
+    }
+
+    /// Marks the row free: writers holding an old generation stop at the check.
+    #[inline]
+    pub(crate) fn retire(&self) {
+        self.state.store(0, Ordering::Release);
+    }
+
+    /// Simulator side: stamps rx.
+    #[inline]
+    pub(crate) fn stamp_rx(&self, now_ns: u64) {
+        self.last_rx_ns.store(now_ns, Ordering::Relaxed);
+    }
+
+    /// Simulator side: stamps tx.
+    #[inline]
+    pub(crate) fn stamp_tx(&self, now_ns: u64) {
+        self.last_tx_ns.store(now_ns, Ordering::Relaxed);
+    }
+
+    /// Simulator side: sets flag bits.
+    #[inline]
+    pub(crate) fn set_flags(&self, bits: u32) {
+        self.state.fetch_or(u64::from(bits), Ordering::Relaxed);
+    }
+}
+
+/// Where the rows live.
+enum Backing {
+    /// The BPF array map, mapped with `mmap(MAP_SHARED)`; unmapped on drop.
+    Mapped { len: usize },
+    /// Ordinary memory, for the simulated source.
+    Heap(Box<[RowCell]>),
+}
+
+/// A fixed-size table of [`RowCell`]s.
+pub(crate) struct Rows {
+    ptr: NonNull<RowCell>,
+    capacity: usize,
+    backing: Backing,
+}
+
+// SAFETY: every access to the rows goes through atomics, and the mapping (or box) lives until
+// `Rows` is dropped, so sharing and sending `Rows` between threads is sound.
+unsafe impl Send for Rows {}
+// SAFETY: as above.
+unsafe impl Sync for Rows {}
+
+impl Rows {
+    /// Maps the value area of a `BPF_F_MMAPABLE` array map of `capacity` [`ActivityEntry`]s.
+    pub(crate) fn map(map_fd: BorrowedFd<'_>, capacity: usize) -> io::Result<Self> {
+        let page = page_size();
+        let len = (capacity * size_of::<RowCell>()).div_ceil(page) * page;
+        // SAFETY: a fresh shared mapping of a map fd; the kernel checks that `len` does not
+        // exceed the map's value area and that the map is mmapable.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map_fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(ptr.cast::<RowCell>()).ok_or_else(io::Error::last_os_error)?;
+        Ok(Self {
+            ptr,
+            capacity,
+            backing: Backing::Mapped { len },
+        })
+    }
+
+    /// A zeroed table in ordinary memory.
+    pub(crate) fn heap(capacity: usize) -> Self {
+        let mut rows: Box<[RowCell]> = (0..capacity).map(|_| RowCell::default()).collect();
+        let ptr = NonNull::new(rows.as_mut_ptr()).unwrap_or(NonNull::dangling());
+        Self {
+            ptr,
+            capacity,
+            backing: Backing::Heap(rows),
+        }
+    }
+
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The row at `index`, or `None` past the end.
+    #[inline]
+    pub(crate) fn get(&self, index: u32) -> Option<&RowCell> {
+        let index = index as usize;
+        if index >= self.capacity {
+            return None;
+        }
+        // SAFETY: `index` is in bounds, the memory is valid for `capacity` rows for as long as
+        // `self` lives, and rows are only accessed through atomics.
+        Some(unsafe { &*self.ptr.as_ptr().add(index) })
+    }
+}
+
+impl Drop for Rows {
+    fn drop(&mut self) {
+        if let Backing::Mapped { len } = self.backing {
+            // SAFETY: `ptr`/`len` are exactly what `mmap` returned, and no reference into the
+            // rows can outlive `self`.
+            unsafe { libc::munmap(self.ptr.as_ptr().cast(), len) };
+        }
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(page).unwrap_or(4096)
+}

@@ -1,0 +1,73 @@
+//! Shared support for lull's integration tests: loopback socket pairs, bounded waits, and the
+//! rule for when eBPF is unavailable.
+//!
+//! Every test here touches only loopback addresses or network namespaces it creates itself.
+
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
+
+use lull::activity::{ActivityTable, TableOptions};
+
+/// Set to `1` (as `.ci/run` does) to make "eBPF unavailable" fail the test instead of skipping.
+pub const REQUIRE_EBPF: &str = "LULL_REQUIRE_EBPF";
+
+/// Whether eBPF tests must run.
+pub fn ebpf_required() -> bool {
+    std::env::var(REQUIRE_EBPF).is_ok_and(|v| v == "1")
+}
+
+/// Loads an activity table for a test, or explains loudly why the test is skipped.
+///
+/// With `LULL_REQUIRE_EBPF=1` a failure to load is a test failure, so CI can never pass by
+/// skipping.
+pub fn ebpf_table(test: &str, capacity: u32) -> Option<ActivityTable> {
+    let options = TableOptions {
+        capacity,
+        ..TableOptions::default()
+    };
+    match ActivityTable::load(&options) {
+        Ok(table) => Some(table),
+        Err(err) if !ebpf_required() => {
+            eprintln!(
+                "SKIPPED {test}: eBPF unavailable ({err}); set {REQUIRE_EBPF}=1 to fail instead"
+            );
+            None
+        }
+        Err(err) => panic!("{test}: eBPF is required ({REQUIRE_EBPF}=1) but unavailable: {err}"),
+    }
+}
+
+/// A connected loopback pair: (ours, the peer's).
+pub fn tcp_pair() -> (TcpStream, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback listener");
+    let ours = TcpStream::connect(listener.local_addr().expect("listener address"))
+        .expect("connect on loopback");
+    let (peer, _) = listener.accept().expect("accept on loopback");
+    ours.set_nodelay(true).expect("TCP_NODELAY");
+    peer.set_nodelay(true).expect("TCP_NODELAY");
+    (ours, peer)
+}
+
+/// Writes `bytes` on `from` and reads them on `to`, so both sides' stacks have processed them.
+pub fn transfer(from: &mut TcpStream, to: &mut TcpStream, bytes: &[u8]) {
+    from.write_all(bytes).expect("write on loopback");
+    let mut buf = vec![0; bytes.len()];
+    to.read_exact(&mut buf).expect("read on loopback");
+}
+
+/// Polls `cond` until it holds or `timeout` passes; returns whether it held.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
