@@ -3,13 +3,20 @@
 //!
 //! Every test here touches only loopback addresses or network namespaces it creates itself.
 
+pub mod netns;
+pub mod peers;
+
 use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream},
+    sync::{Mutex, MutexGuard, PoisonError},
     time::{Duration, Instant},
 };
 
-use lull::activity::{ActivityTable, TableOptions};
+use lull::{
+    Engine, EngineBuilder, SourceChoice,
+    activity::{ActivityTable, TableOptions},
+};
 
 /// Set to `1` (as `.ci/run` does) to make "eBPF unavailable" fail the test instead of skipping.
 pub const REQUIRE_EBPF: &str = "LULL_REQUIRE_EBPF";
@@ -70,4 +77,48 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
         }
         std::thread::sleep(Duration::from_millis(2));
     }
+}
+
+/// Serialises the tests of one binary that hold thousands of sockets: the process may hold
+/// only 20,000 fds, and parallel tests would also disturb each other's timings.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The activity sources a behavioural test runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The eBPF table.
+    Ebpf,
+    /// The TCP_INFO fallback.
+    TcpInfo,
+}
+
+/// An engine on `source`, configured by `builder`; `None` (with a loud message) when the
+/// source is eBPF and eBPF is unavailable and not required.
+pub fn engine(test: &str, source: Source, builder: EngineBuilder) -> Option<Engine> {
+    let choice = match source {
+        Source::Ebpf => SourceChoice::Ebpf,
+        Source::TcpInfo => SourceChoice::TcpInfo,
+    };
+    match builder.source(choice).build() {
+        Ok(engine) => Some(engine),
+        Err(err) if source == Source::Ebpf && !ebpf_required() => {
+            eprintln!(
+                "SKIPPED {test}: eBPF unavailable ({err}); set {REQUIRE_EBPF}=1 to fail instead"
+            );
+            None
+        }
+        Err(err) => panic!("{test}: building the engine on {source:?}: {err}"),
+    }
+}
+
+/// Percentile (0..=100) of sorted durations.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
 }

@@ -2,7 +2,7 @@
 
 use std::{io::Write, net::Shutdown, os::fd::AsFd, time::Duration};
 
-use lull::activity::{ActivityTable, flags};
+use lull::activity::flags;
 use lull_tests::{ebpf_table, tcp_pair, transfer, wait_until};
 use socket2::SockRef;
 

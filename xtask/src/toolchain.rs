@@ -114,10 +114,10 @@ pub fn nightly_llvm(sysroot: &Path) -> Result<(PathBuf, u32)> {
     for entry in fs::read_dir(&lib).with_context(|| format!("reading {}", lib.display()))? {
         let name = entry?.file_name().to_string_lossy().into_owned();
         // `libLLVM.so.22.1-rust-1.97.0-nightly` carries the soname bpf-linker links against.
-        if let Some(rest) = name.strip_prefix("libLLVM.so.") {
-            if let Some(major) = rest.split('.').next().and_then(|m| m.parse().ok()) {
-                found.push((lib.join(&name), major));
-            }
+        if let Some(rest) = name.strip_prefix("libLLVM.so.")
+            && let Some(major) = rest.split('.').next().and_then(|m| m.parse().ok())
+        {
+            found.push((lib.join(&name), major));
         }
     }
     found.sort();

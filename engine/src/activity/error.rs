@@ -108,6 +108,10 @@ pub enum ActivityError {
         source: aya::maps::MapError,
     },
 
+    /// The source needs a socket and was given a simulated connection.
+    #[error("this activity source needs a socket; simulated connections need SimulatedSource")]
+    NoSocket,
+
     /// A link of lull's programs is no longer attached to its cgroup.
     #[error(
         "lull's BPF program `{program}` was detached from its cgroup by someone else \

@@ -81,21 +81,29 @@ impl std::fmt::Display for SourceKind {
 /// A place the engine reads connection activity from.
 ///
 /// The engine calls `attach` when a connection is watched, `read` each time its timer fires,
-/// and `detach` when it is no longer watched. `fd` is always the connection's live socket: the
-/// engine guarantees the handle has not been dropped while a call that takes it runs.
+/// and `detach` when it is no longer watched. `fd` is the connection's live socket (the engine
+/// guarantees the handle has not been dropped while a call that takes it runs), or `None` for
+/// a simulated connection that has no socket.
 pub trait ActivitySource: Send + Sync + 'static {
     /// Which kind of source this is.
     fn kind(&self) -> SourceKind;
 
-    /// Starts tracking `fd` in `slot`.
-    fn attach(&self, fd: BorrowedFd<'_>, slot: Slot) -> Result<(), ActivityError>;
+    /// Starts tracking `fd` in `slot`. Sources that keep stamps start them at `baseline_ns`
+    /// (the registration time), so that a connection's silence is counted from when it was
+    /// watched, not from the epoch.
+    fn attach(
+        &self,
+        fd: Option<BorrowedFd<'_>>,
+        slot: Slot,
+        baseline_ns: u64,
+    ) -> Result<(), ActivityError>;
 
     /// Stops tracking `slot`. `fd` is the socket if it is still open, which lets a source drop
     /// per-socket state at once rather than when the socket dies.
     fn detach(&self, slot: Slot, fd: Option<BorrowedFd<'_>>);
 
     /// Reads what is known of the connection in `slot`.
-    fn read(&self, slot: Slot, fd: BorrowedFd<'_>) -> Result<Activity, ActivityError>;
+    fn read(&self, slot: Slot, fd: Option<BorrowedFd<'_>>) -> Result<Activity, ActivityError>;
 
     /// How far a stamp may be off. A probe counts as answered by payload stamped no earlier
     /// than this before the probe was sent.

@@ -37,14 +37,14 @@ impl RowCell {
         (ActivityEntry::generation_of(state), activity)
     }
 
-    /// Clears the stamps and publishes `generation`. The stamps are cleared *before* the
-    /// generation is published, so a writer that passes the generation check only ever adds
-    /// to a clean row.
+    /// Sets both stamps to `baseline_ns` and publishes `generation`. The stamps are written
+    /// *before* the generation is published, so a writer that passes the generation check only
+    /// ever moves a clean row forward.
     #[inline]
-    pub(crate) fn reset(&self, generation: u32) {
+    pub(crate) fn reset(&self, generation: u32, baseline_ns: u64) {
         self.state.store(0, Ordering::Release);
-        self.last_rx_ns.store(0, Ordering::Relaxed);
-        self.last_tx_ns.store(0, Ordering::Relaxed);
+        self.last_rx_ns.store(baseline_ns, Ordering::Relaxed);
+        self.last_tx_ns.store(baseline_ns, Ordering::Relaxed);
         self.state
             .store(ActivityEntry::pack_state(generation, 0), Ordering::Release);
     }
@@ -53,6 +53,15 @@ impl RowCell {
     #[inline]
     pub(crate) fn retire(&self) {
         self.state.store(0, Ordering::Release);
+    }
+
+    /// Retires the row if it still belongs to `generation` (a stale unregister must not
+    /// retire the next owner's row).
+    #[inline]
+    pub(crate) fn retire_if(&self, generation: u32) {
+        if self.read().0 == generation {
+            self.retire();
+        }
     }
 
     /// Simulator side: stamps rx.
@@ -78,8 +87,8 @@ impl RowCell {
 enum Backing {
     /// The BPF array map, mapped with `mmap(MAP_SHARED)`; unmapped on drop.
     Mapped { len: usize },
-    /// Ordinary memory, for the simulated source.
-    Heap(Box<[RowCell]>),
+    /// Ordinary memory, for the simulated source; `Rows` points into this box.
+    Heap { _owner: Box<[RowCell]> },
 }
 
 /// A fixed-size table of [`RowCell`]s.
@@ -130,7 +139,7 @@ impl Rows {
         Self {
             ptr,
             capacity,
-            backing: Backing::Heap(rows),
+            backing: Backing::Heap { _owner: rows },
         }
     }
 

@@ -51,24 +51,27 @@ impl ActivitySource for SimulatedSource {
         SourceKind::Simulated
     }
 
-    fn attach(&self, _fd: BorrowedFd<'_>, slot: Slot) -> Result<(), ActivityError> {
+    fn attach(
+        &self,
+        _fd: Option<BorrowedFd<'_>>,
+        slot: Slot,
+        baseline_ns: u64,
+    ) -> Result<(), ActivityError> {
         let row = self.rows.get(slot.index).ok_or(ActivityError::Full {
             capacity: self.capacity(),
         })?;
-        row.reset(slot.generation);
+        row.reset(slot.generation, baseline_ns);
         Ok(())
     }
 
     fn detach(&self, slot: Slot, _fd: Option<BorrowedFd<'_>>) {
         if let Some(row) = self.rows.get(slot.index) {
-            if row.read().0 == slot.generation {
-                row.retire();
-            }
+            row.retire_if(slot.generation);
         }
     }
 
     #[inline]
-    fn read(&self, slot: Slot, _fd: BorrowedFd<'_>) -> Result<Activity, ActivityError> {
+    fn read(&self, slot: Slot, _fd: Option<BorrowedFd<'_>>) -> Result<Activity, ActivityError> {
         Ok(match self.rows.get(slot.index).map(|row| row.read()) {
             Some((generation, activity)) if generation == slot.generation => activity,
             _ => Activity::default(),

@@ -155,6 +155,15 @@ impl SlotAllocator {
         }
     }
 
+    /// The slot at local index `local` as it is now, or `None` while it is free.
+    pub(crate) fn slot_at(&self, local: u32) -> Option<Slot> {
+        let w = self.words.get(local as usize)?.load(Ordering::Acquire);
+        (state_of(w) != SlotState::Free).then(|| Slot {
+            index: self.base + local,
+            generation: w >> STATE_BITS,
+        })
+    }
+
     /// The current state of `slot`, or `None` if the slot has moved on to a newer generation.
     pub(crate) fn state(&self, slot: Slot) -> Option<SlotState> {
         let cell = &self.words[self.local(slot)? as usize];

@@ -68,8 +68,9 @@ impl Default for TableOptions {
 /// the table detaches them; nothing is pinned, so nothing outlives the process, even after
 /// SIGKILL.
 pub struct ActivityTable {
-    // Field order is drop order: detach the links before the programs and maps go.
-    links: Vec<FdLink>,
+    // Field order is drop order: detach the links (by dropping them) before the programs and
+    // maps go.
+    _links: Vec<FdLink>,
     watched: Vec<WatchedLink>,
     slots_map: Mutex<SkStorage<MapData, SlotRef>>,
     rows: Rows,
@@ -176,7 +177,7 @@ impl ActivityTable {
             "lull's BPF programs are attached"
         );
         Ok(Self {
-            links,
+            _links: links,
             watched,
             slots_map: Mutex::new(slots_map),
             rows,
@@ -212,7 +213,7 @@ impl ActivityTable {
             .ok_or(ActivityError::Full {
                 capacity: self.capacity(),
             })?;
-        if let Err(err) = self.attach_slot(fd, slot) {
+        if let Err(err) = self.attach_slot(fd, slot, 0) {
             self.allocator.free(slot);
             return Err(err);
         }
@@ -245,12 +246,18 @@ impl ActivityTable {
         self.unregister(slot);
     }
 
-    /// Registers `fd` in a slot the caller allocated (engines allocate their own slots).
-    pub(crate) fn attach_slot(&self, fd: BorrowedFd<'_>, slot: Slot) -> Result<(), ActivityError> {
+    /// Registers `fd` in a slot the caller allocated (engines allocate their own slots), with
+    /// both stamps starting at `baseline_ns`.
+    pub(crate) fn attach_slot(
+        &self,
+        fd: BorrowedFd<'_>,
+        slot: Slot,
+        baseline_ns: u64,
+    ) -> Result<(), ActivityError> {
         let row = self.rows.get(slot.index).ok_or(ActivityError::Full {
             capacity: self.capacity(),
         })?;
-        row.reset(slot.generation);
+        row.reset(slot.generation, baseline_ns);
         let value = SlotRef {
             slot: slot.index,
             generation: slot.generation,
@@ -272,9 +279,7 @@ impl ActivityTable {
 
     fn retire(&self, slot: Slot) {
         if let Some(row) = self.rows.get(slot.index) {
-            if row.read().0 == slot.generation {
-                row.retire();
-            }
+            row.retire_if(slot.generation);
         }
     }
 
@@ -323,11 +328,6 @@ impl ActivityTable {
     pub fn link_ids(&self) -> Vec<u32> {
         self.watched.iter().map(|l| l.link_id).collect()
     }
-
-    #[cfg(test)]
-    pub(crate) fn links_held(&self) -> usize {
-        self.links.len()
-    }
 }
 
 impl ActivitySource for ActivityTable {
@@ -335,8 +335,14 @@ impl ActivitySource for ActivityTable {
         SourceKind::Ebpf
     }
 
-    fn attach(&self, fd: BorrowedFd<'_>, slot: Slot) -> Result<(), ActivityError> {
-        self.attach_slot(fd, slot)
+    fn attach(
+        &self,
+        fd: Option<BorrowedFd<'_>>,
+        slot: Slot,
+        baseline_ns: u64,
+    ) -> Result<(), ActivityError> {
+        let fd = fd.ok_or(ActivityError::NoSocket)?;
+        self.attach_slot(fd, slot, baseline_ns)
     }
 
     fn detach(&self, slot: Slot, fd: Option<BorrowedFd<'_>>) {
@@ -347,7 +353,7 @@ impl ActivitySource for ActivityTable {
     }
 
     #[inline]
-    fn read(&self, slot: Slot, _fd: BorrowedFd<'_>) -> Result<Activity, ActivityError> {
+    fn read(&self, slot: Slot, _fd: Option<BorrowedFd<'_>>) -> Result<Activity, ActivityError> {
         Ok(ActivityTable::read(self, slot))
     }
 

@@ -125,16 +125,23 @@ impl ActivitySource for TcpInfoSource {
         SourceKind::TcpInfo
     }
 
-    fn attach(&self, _fd: BorrowedFd<'_>, _slot: Slot) -> Result<(), ActivityError> {
-        Ok(())
+    fn attach(
+        &self,
+        fd: Option<BorrowedFd<'_>>,
+        _slot: Slot,
+        _baseline_ns: u64,
+    ) -> Result<(), ActivityError> {
+        fd.map(|_| ()).ok_or(ActivityError::NoSocket)
     }
 
     fn detach(&self, _slot: Slot, _fd: Option<BorrowedFd<'_>>) {}
 
-    fn read(&self, _slot: Slot, fd: BorrowedFd<'_>) -> Result<Activity, ActivityError> {
-        let info = tcp_info(fd).map_err(|source| ActivityError::Syscall {
-            call: "getsockopt(TCP_INFO)",
-            source,
+    fn read(&self, _slot: Slot, fd: Option<BorrowedFd<'_>>) -> Result<Activity, ActivityError> {
+        let info = tcp_info(fd.ok_or(ActivityError::NoSocket)?).map_err(|source| {
+            ActivityError::Syscall {
+                call: "getsockopt(TCP_INFO)",
+                source,
+            }
         })?;
         Ok(activity_from(&info, monotonic_ns()))
     }

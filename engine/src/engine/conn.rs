@@ -1,0 +1,328 @@
+//! One connection's state in the engine thread, and the lazy decision taken when its timer
+//! fires.
+//!
+//! Traffic never touches a timer. A timer fires at the earliest moment the connection *could*
+//! have become idle; [`decide`] then looks at what the activity source saw and either re-arms
+//! at `last_activity + idle` (the connection was busy: the common case, and no probe) or
+//! probes. This is how the kernel's own `tcp_keepalive_timer` works, with one difference: the
+//! clock read and the activity read are shared by every connection due in the same tick.
+
+use std::os::fd::RawFd;
+
+use crate::{
+    activity::Activity,
+    policy::{ActivityMode, Mode, OnDead, Policy, Probe},
+    wheel::TimerKey,
+};
+
+use super::events::CloseReason;
+
+/// The engine thread's record of one connection. 24 bytes: with the wheel entry (24), the
+/// shared slot word (4) and the shared statistics (12), a connection costs 64 bytes of engine
+/// memory.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ConnState {
+    /// The socket, or -1 for a simulated connection.
+    pub(crate) fd: RawFd,
+    /// The connection's one timer; kept for its whole life and re-armed in place.
+    pub(crate) timer: TimerKey,
+    /// `CLOCK_MONOTONIC` ns of the last probe sent (0: never), split to keep 4-byte alignment.
+    mark: [u32; 2],
+    /// Index into the engine's policy table.
+    pub(crate) policy: u16,
+    /// Phase in the low 3 bits, unanswered probes in the high 5.
+    packed: u8,
+    /// Bytes of the current probe already written by a short write (0: none pending).
+    pub(crate) resume: u8,
+}
+
+const _: () = assert!(size_of::<ConnState>() == 24);
+
+/// Where a connection is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Phase {
+    /// Armed for the next possible idle moment.
+    Watching = 0,
+    /// At least one probe is unanswered.
+    Probing = 1,
+    /// Reported dead and left open (on-dead = report); watched for revival.
+    Dead = 2,
+    /// Closed, or dead and shut down: nothing more to do until the handle is dropped.
+    Inert = 3,
+    /// Kernel keepalive is doing the probing; the engine checks its verdict.
+    Kernel = 4,
+}
+
+impl ConnState {
+    pub(crate) fn new(fd: RawFd, timer: TimerKey, policy: u16, phase: Phase) -> Self {
+        let mut c = Self {
+            fd,
+            timer,
+            mark: [0; 2],
+            policy,
+            packed: 0,
+            resume: 0,
+        };
+        c.set_phase(phase);
+        c
+    }
+
+    pub(crate) fn phase(&self) -> Phase {
+        match self.packed & 0x7 {
+            0 => Phase::Watching,
+            1 => Phase::Probing,
+            2 => Phase::Dead,
+            4 => Phase::Kernel,
+            _ => Phase::Inert,
+        }
+    }
+
+    pub(crate) fn set_phase(&mut self, phase: Phase) {
+        self.packed = (self.packed & !0x7) | phase as u8;
+    }
+
+    pub(crate) fn outstanding(&self) -> u32 {
+        u32::from(self.packed >> 3)
+    }
+
+    pub(crate) fn set_outstanding(&mut self, n: u32) {
+        debug_assert!(n <= crate::policy::MAX_COUNT);
+        self.packed = (self.packed & 0x7) | ((n.min(31) as u8) << 3);
+    }
+
+    pub(crate) fn mark(&self) -> u64 {
+        (u64::from(self.mark[0]) << 32) | u64::from(self.mark[1])
+    }
+
+    pub(crate) fn set_mark(&mut self, ns: u64) {
+        self.mark = [(ns >> 32) as u32, ns as u32];
+    }
+}
+
+/// How a compiled policy probes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ProbeKind {
+    /// Bytes from the engine's payload table.
+    Bytes(u16),
+    /// Kernel keepalive.
+    Kernel,
+    /// The application's own ping.
+    Callback,
+}
+
+/// A [`Policy`] in the units the engine thread works in.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CompiledPolicy {
+    pub(crate) idle_ns: u64,
+    pub(crate) interval_ns: u64,
+    pub(crate) count: u32,
+    /// Largest random amount by which an arm is brought forward.
+    pub(crate) jitter_ns: u64,
+    pub(crate) mode: Mode,
+    pub(crate) activity: ActivityMode,
+    pub(crate) on_dead: OnDead,
+    pub(crate) probe: ProbeKind,
+    pub(crate) min_spacing_ns: u64,
+}
+
+impl CompiledPolicy {
+    pub(crate) fn new(policy: &Policy, payload: u16) -> Self {
+        let ns = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let idle_ns = ns(policy.idle);
+        Self {
+            idle_ns,
+            interval_ns: ns(policy.interval),
+            count: policy.count,
+            jitter_ns: (idle_ns as f64 * policy.jitter) as u64,
+            mode: policy.mode,
+            activity: policy.activity,
+            on_dead: policy.on_dead,
+            probe: match policy.probe {
+                Probe::Bytes(_) => ProbeKind::Bytes(payload),
+                Probe::Kernel => ProbeKind::Kernel,
+                Probe::Callback => ProbeKind::Callback,
+            },
+            min_spacing_ns: ns(policy.min_probe_spacing),
+        }
+    }
+
+    /// When a kernel-probed connection can first have been declared dead by the kernel.
+    pub(crate) fn kernel_verdict_ns(&self) -> u64 {
+        self.idle_ns + self.interval_ns * u64::from(self.count)
+    }
+}
+
+/// What to do after a timer fired.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Nothing to send; re-arm at `at` (ns).
+    Rearm { at: u64 },
+    /// Send a probe now (it was counted into the state already), re-arm at `at`.
+    Probe { at: u64 },
+    /// The last probe was answered: `rtt` ns after it went out. Re-arm at `at`.
+    Answered { rtt: u64, at: u64 },
+    /// The peer is dead after `probes` unanswered probes and `silent` ns of silence. Re-arm at
+    /// `at` to watch for a revival, unless the policy acts on the socket.
+    Dead { silent: u64, probes: u32, at: u64 },
+    /// A dead connection received payload again. Re-arm at `at`.
+    Revived { at: u64 },
+    /// The connection closed.
+    Closed(CloseReason),
+}
+
+/// The decision when `c`'s timer fires at `now`, given what the source saw.
+///
+/// `resolution` is how coarse the source's stamps are: payload stamped up to that long before
+/// a probe still answers it. `jitter` is this arm's random advance (at most
+/// `policy.jitter_ns`). Mutates `c` to the state the verdict leaves it in.
+pub(crate) fn decide(
+    c: &mut ConnState,
+    p: &CompiledPolicy,
+    a: &Activity,
+    now: u64,
+    resolution: u64,
+    jitter: u64,
+) -> Verdict {
+    if a.closed() {
+        c.set_phase(Phase::Inert);
+        return Verdict::Closed(CloseReason::from_flags(a.flags));
+    }
+    let answered = a.last_rx_ns != 0 && a.last_rx_ns + resolution >= c.mark();
+    match (p.mode, c.phase()) {
+        (_, Phase::Inert | Phase::Kernel) => Verdict::Rearm { at: u64::MAX },
+        (Mode::KeepWarm, _) => {
+            // Our own probes are tx too, so this is "one probe per interval of tx silence";
+            // the mark covers sources whose tx stamp is coarser than a probe.
+            let due = a.last_tx_ns.max(c.mark()) + p.interval_ns - jitter.min(p.interval_ns / 2);
+            if now < due {
+                Verdict::Rearm { at: due }
+            } else {
+                c.set_mark(now);
+                Verdict::Probe {
+                    at: now + p.interval_ns,
+                }
+            }
+        }
+        (Mode::DetectDead, Phase::Watching) => {
+            let last = match p.activity {
+                ActivityMode::RxOnly => a.last_rx_ns,
+                ActivityMode::RxOrTx => a.last_rx_ns.max(a.last_tx_ns),
+            };
+            let due = last + p.idle_ns - jitter;
+            if now < due {
+                return Verdict::Rearm { at: due };
+            }
+            if c.mark() != 0 && now < c.mark() + p.min_spacing_ns {
+                return Verdict::Rearm {
+                    at: c.mark() + p.min_spacing_ns,
+                };
+            }
+            c.set_phase(Phase::Probing);
+            c.set_outstanding(1);
+            c.set_mark(now);
+            Verdict::Probe {
+                at: now + p.interval_ns,
+            }
+        }
+        (Mode::DetectDead, Phase::Probing) => {
+            if answered {
+                let rtt = a.last_rx_ns.saturating_sub(c.mark());
+                c.set_phase(Phase::Watching);
+                c.set_outstanding(0);
+                let last = a.last_rx_ns.max(match p.activity {
+                    ActivityMode::RxOnly => 0,
+                    ActivityMode::RxOrTx => a.last_tx_ns,
+                });
+                return Verdict::Answered {
+                    rtt,
+                    at: last + p.idle_ns - jitter,
+                };
+            }
+            if c.outstanding() < p.count {
+                c.set_outstanding(c.outstanding() + 1);
+                c.set_mark(now);
+                return Verdict::Probe {
+                    at: now + p.interval_ns,
+                };
+            }
+            let probes = c.outstanding();
+            c.set_phase(Phase::Dead);
+            c.set_outstanding(0);
+            Verdict::Dead {
+                silent: now.saturating_sub(a.last_rx_ns),
+                probes,
+                at: now + p.interval_ns,
+            }
+        }
+        (Mode::DetectDead, Phase::Dead) => {
+            if answered {
+                c.set_phase(Phase::Watching);
+                Verdict::Revived {
+                    at: a.last_rx_ns + p.idle_ns - jitter,
+                }
+            } else {
+                Verdict::Rearm {
+                    at: now + p.interval_ns,
+                }
+            }
+        }
+    }
+}
+
+/// The decision for a kernel-probed connection: the kernel sends the probes, so the engine
+/// only reads its verdict, once `idle + count * interval` after the last sign of life.
+///
+/// A socket the kernel closed without a FIN or RST from the peer died of keepalive or of
+/// `TCP_USER_TIMEOUT`: that is `Dead`. (Keepalive exhaustion sends a RST of its own, which the
+/// eBPF source sees as a local reset; the application cannot have closed it, because a
+/// dropped handle is never decided on.) `TCP_INFO` cannot show a peer's RST, so for that
+/// source a closed socket only counts as dead if the kernel had probes or retransmissions
+/// outstanding.
+pub(crate) fn decide_kernel(
+    c: &mut ConnState,
+    p: &CompiledPolicy,
+    a: &Activity,
+    info: &libc::tcp_info,
+    now: u64,
+) -> Verdict {
+    use lull_common::flags;
+
+    use crate::activity::TcpState;
+
+    let state = TcpState::from_raw(info.tcpi_state);
+    let peer_closed = a.flags & (flags::PEER_FIN | flags::PEER_RST) != 0;
+    let kernel_gave_up = state == TcpState::Close
+        && !peer_closed
+        && (a.flags & (flags::STATE_CLOSE | flags::LOCAL_RST) != 0
+            || info.tcpi_probes > 0
+            || info.tcpi_retransmits > 0
+            || info.tcpi_backoff > 0);
+    if kernel_gave_up {
+        c.set_phase(Phase::Inert);
+        return Verdict::Dead {
+            silent: now.saturating_sub(a.last_rx_ns),
+            probes: u32::from(info.tcpi_probes).max(p.count),
+            at: u64::MAX,
+        };
+    }
+    let bits = a.flags | state.close_flags();
+    if bits & flags::CLOSED_MASK != 0 {
+        c.set_phase(Phase::Inert);
+        return Verdict::Closed(CloseReason::from_flags(bits));
+    }
+    // An ACK of a keepalive probe is the kernel's "answered"; it postpones the verdict just as
+    // payload does.
+    let last_ack = now.saturating_sub(u64::from(info.tcpi_last_ack_recv) * 1_000_000);
+    let last = a.last_rx_ns.max(last_ack);
+    Verdict::Rearm {
+        at: (last + p.kernel_verdict_ns()).max(now) + KERNEL_VERDICT_SLACK_NS,
+    }
+}
+
+/// How long after the kernel could have given up the engine looks: its keepalive timer runs
+/// with jiffy resolution and may fire late under load.
+const KERNEL_VERDICT_SLACK_NS: u64 = 250_000_000;
+
+#[cfg(test)]
+mod tests;

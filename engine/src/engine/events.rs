@@ -1,0 +1,295 @@
+//! What comes out of an engine: events, and statistics per connection and in total.
+
+use std::{
+    sync::atomic::{AtomicU32, AtomicU64, Ordering},
+    time::Duration,
+};
+
+use lull_common::flags;
+
+use crate::activity::{Slot, SourceKind};
+
+/// A watched connection's identity, unique within its engine group for as long as it is
+/// watched (its slot and the slot's generation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(u64);
+
+impl ConnId {
+    pub(crate) fn from_slot(slot: Slot) -> Self {
+        Self((u64::from(slot.generation) << 32) | u64::from(slot.index))
+    }
+
+    pub(crate) fn slot(self) -> Slot {
+        Slot {
+            index: self.0 as u32,
+            generation: (self.0 >> 32) as u32,
+        }
+    }
+
+    /// The id as one integer (for logs and metrics labels).
+    pub fn as_u64(self) -> u64 {
+        self.0
+    }
+}
+
+impl std::fmt::Display for ConnId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let slot = self.slot();
+        write!(f, "{}.{}", slot.index, slot.generation)
+    }
+}
+
+/// Why a connection stopped being watched actively.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CloseReason {
+    /// The peer sent FIN (it may still read: a half-close).
+    PeerFin,
+    /// The peer sent RST.
+    PeerReset,
+    /// This side closed or reset the connection.
+    LocalClose,
+    /// The socket reached `TCP_CLOSE` without a FIN or RST on the wire lull saw.
+    Closed,
+    /// A probe could not be sent: the errno of the failed `send`.
+    SendFailed(i32),
+}
+
+impl CloseReason {
+    pub(crate) fn from_flags(bits: u32) -> Self {
+        if bits & flags::PEER_RST != 0 {
+            Self::PeerReset
+        } else if bits & flags::PEER_FIN != 0 {
+            Self::PeerFin
+        } else if bits & (flags::LOCAL_FIN | flags::LOCAL_RST) != 0 {
+            Self::LocalClose
+        } else {
+            Self::Closed
+        }
+    }
+}
+
+/// Something an engine noticed about a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// None of the probes was answered: the peer is dead (or unreachable, or hung).
+    Dead {
+        /// The connection.
+        id: ConnId,
+        /// How long the peer had been silent when the verdict fell.
+        after: Duration,
+        /// Probes sent without an answer.
+        probes: u32,
+    },
+    /// A connection reported dead (with [`OnDead::Report`](crate::OnDead)) received payload
+    /// again.
+    Revived {
+        /// The connection.
+        id: ConnId,
+    },
+    /// The connection closed; the engine stops probing it.
+    Closed {
+        /// The connection.
+        id: ConnId,
+        /// What was seen.
+        reason: CloseReason,
+    },
+    /// A [`Probe::Callback`](crate::Probe) connection is due a probe: the application should
+    /// send its own ping now. Payload received after this event answers it.
+    ProbeDue {
+        /// The connection.
+        id: ConnId,
+    },
+}
+
+impl Event {
+    /// The connection the event is about.
+    pub fn id(&self) -> ConnId {
+        match *self {
+            Self::Dead { id, .. }
+            | Self::Revived { id }
+            | Self::Closed { id, .. }
+            | Self::ProbeDue { id } => id,
+        }
+    }
+}
+
+/// Probe statistics of one connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnStats {
+    /// Probes written (or, for callback probes, requested).
+    pub probes_sent: u32,
+    /// Probes answered by payload from the peer.
+    pub probes_answered: u32,
+    /// Time from the last answered probe to the payload that answered it.
+    pub last_rtt: Option<Duration>,
+}
+
+/// Per-slot statistics shared with handles: the engine writes, anyone reads.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub(crate) struct ConnStatsCell {
+    sent: AtomicU32,
+    answered: AtomicU32,
+    /// Microseconds + 1 (0 = never measured).
+    rtt_us: AtomicU32,
+}
+
+impl ConnStatsCell {
+    pub(crate) fn reset(&self) {
+        self.sent.store(0, Ordering::Relaxed);
+        self.answered.store(0, Ordering::Relaxed);
+        self.rtt_us.store(0, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_sent(&self) {
+        self.sent.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_answered(&self, rtt_ns: u64) {
+        self.answered.fetch_add(1, Ordering::Relaxed);
+        let us = (rtt_ns / 1_000).min(u64::from(u32::MAX - 1)) as u32;
+        self.rtt_us.store(us + 1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> ConnStats {
+        let rtt = self.rtt_us.load(Ordering::Relaxed);
+        ConnStats {
+            probes_sent: self.sent.load(Ordering::Relaxed),
+            probes_answered: self.answered.load(Ordering::Relaxed),
+            last_rtt: (rtt != 0).then(|| Duration::from_micros(u64::from(rtt - 1))),
+        }
+    }
+}
+
+/// Totals of one engine (or, summed, of a group).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Connections watched now.
+    pub watched: u64,
+    /// Connections being probed now (at least one probe unanswered).
+    pub probing: u64,
+    /// Connections reported dead and still watched.
+    pub dead_now: u64,
+    /// Probes sent.
+    pub probes_sent: u64,
+    /// Probes answered.
+    pub probes_answered: u64,
+    /// Probes not sent because the socket's send buffer was full (so it was not idle).
+    pub probes_deferred: u64,
+    /// Timer expiries in total.
+    pub wakeups: u64,
+    /// Timer expiries that found traffic since the last arm and only re-armed.
+    pub wakeups_rearmed: u64,
+    /// Dead verdicts.
+    pub dead: u64,
+    /// Revivals after a dead verdict.
+    pub revived: u64,
+    /// Connections found closed.
+    pub closed: u64,
+    /// Events dropped because the event channel was full.
+    pub events_dropped: u64,
+    /// The longest single loop iteration of the engine thread, in microseconds.
+    pub max_loop_us: u64,
+    /// The activity source in use.
+    pub source: Option<SourceKind>,
+}
+
+impl EngineStats {
+    /// Adds another engine's totals to these (for groups).
+    pub fn merge(&mut self, other: &EngineStats) {
+        self.watched += other.watched;
+        self.probing += other.probing;
+        self.dead_now += other.dead_now;
+        self.probes_sent += other.probes_sent;
+        self.probes_answered += other.probes_answered;
+        self.probes_deferred += other.probes_deferred;
+        self.wakeups += other.wakeups;
+        self.wakeups_rearmed += other.wakeups_rearmed;
+        self.dead += other.dead;
+        self.revived += other.revived;
+        self.closed += other.closed;
+        self.events_dropped += other.events_dropped;
+        self.max_loop_us = self.max_loop_us.max(other.max_loop_us);
+        self.source = self.source.or(other.source);
+    }
+}
+
+/// The engine's counters, written by its thread with relaxed adds and read by anyone.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) watched: AtomicU64,
+    pub(crate) probing: AtomicU64,
+    pub(crate) dead_now: AtomicU64,
+    pub(crate) probes_sent: AtomicU64,
+    pub(crate) probes_answered: AtomicU64,
+    pub(crate) probes_deferred: AtomicU64,
+    pub(crate) wakeups: AtomicU64,
+    pub(crate) wakeups_rearmed: AtomicU64,
+    pub(crate) dead: AtomicU64,
+    pub(crate) revived: AtomicU64,
+    pub(crate) closed: AtomicU64,
+    pub(crate) events_dropped: AtomicU64,
+    pub(crate) max_loop_us: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn snapshot(&self, source: SourceKind) -> EngineStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        EngineStats {
+            watched: get(&self.watched),
+            probing: get(&self.probing),
+            dead_now: get(&self.dead_now),
+            probes_sent: get(&self.probes_sent),
+            probes_answered: get(&self.probes_answered),
+            probes_deferred: get(&self.probes_deferred),
+            wakeups: get(&self.wakeups),
+            wakeups_rearmed: get(&self.wakeups_rearmed),
+            dead: get(&self.dead),
+            revived: get(&self.revived),
+            closed: get(&self.closed),
+            events_dropped: get(&self.events_dropped),
+            max_loop_us: get(&self.max_loop_us),
+            source: Some(source),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conn_id_round_trips_its_slot() {
+        let slot = Slot {
+            index: 0xdead_beef,
+            generation: 0x1234_5678,
+        };
+        assert_eq!(ConnId::from_slot(slot).slot(), slot);
+    }
+
+    #[test]
+    fn close_reason_prefers_what_the_peer_did() {
+        let cases = [
+            (flags::PEER_RST | flags::PEER_FIN, CloseReason::PeerReset),
+            (flags::PEER_FIN | flags::LOCAL_FIN, CloseReason::PeerFin),
+            (flags::LOCAL_RST, CloseReason::LocalClose),
+            (flags::STATE_CLOSE, CloseReason::Closed),
+        ];
+        for (bits, want) in cases {
+            assert_eq!(CloseReason::from_flags(bits), want, "{bits:#x}");
+        }
+    }
+
+    #[test]
+    fn rtt_is_kept_in_microseconds() {
+        let cell = ConnStatsCell::default();
+        assert_eq!(cell.snapshot().last_rtt, None);
+        cell.add_sent();
+        cell.add_answered(1_234_567);
+        let s = cell.snapshot();
+        assert_eq!((s.probes_sent, s.probes_answered), (1, 1));
+        assert_eq!(s.last_rtt, Some(Duration::from_micros(1_234)));
+        cell.add_answered(0);
+        assert_eq!(cell.snapshot().last_rtt, Some(Duration::ZERO));
+    }
+}

@@ -1,0 +1,158 @@
+//! [`EngineGroup`]: several engines, one per core, sharing one activity source.
+
+use std::{
+    os::fd::AsFd,
+    sync::atomic::{AtomicUsize, Ordering},
+};
+
+use crate::{activity::SourceKind, policy::Policy};
+
+use super::{
+    Engine, EngineBuilder, EngineError, EngineStats, Event, VirtualConn, WatchError, Watched,
+};
+
+/// Configures an [`EngineGroup`].
+#[derive(Debug, Clone)]
+pub struct GroupBuilder {
+    engines: usize,
+    engine: EngineBuilder,
+}
+
+impl GroupBuilder {
+    /// The number of engines (default: one per available CPU).
+    pub fn engines(mut self, n: usize) -> Self {
+        self.engines = n;
+        self
+    }
+
+    /// The settings of each engine; `capacity` is per engine.
+    pub fn engine(mut self, engine: EngineBuilder) -> Self {
+        self.engine = engine;
+        self
+    }
+
+    /// Starts the engines. They share one activity source (one set of BPF programs, with the
+    /// table split between them) and one event channel.
+    pub fn build(self) -> Result<EngineGroup, EngineError> {
+        if self.engines == 0 || self.engines > 1024 {
+            return Err(EngineError::Option {
+                field: "engines",
+                why: "must be between 1 and 1024",
+            });
+        }
+        self.engine.check()?;
+        let per_engine = self.engine.capacity;
+        let total = per_engine
+            .checked_mul(self.engines as u32)
+            .ok_or(EngineError::Option {
+                field: "capacity",
+                why: "capacity times engines exceeds 2^32 slots",
+            })?;
+        let source = self.engine.resolve_source(total)?;
+        let (events_tx, events_rx) = flume::bounded(self.engine.event_capacity);
+        let mut engines = Vec::with_capacity(self.engines);
+        for k in 0..self.engines {
+            let builder = self
+                .engine
+                .clone()
+                .name(format!("{}-{k}", self.engine.name));
+            engines.push(builder.start(
+                source.clone(),
+                k as u32 * per_engine,
+                events_tx.clone(),
+                events_rx.clone(),
+            )?);
+        }
+        Ok(EngineGroup {
+            engines,
+            next: AtomicUsize::new(0),
+            events: events_rx,
+        })
+    }
+}
+
+/// Engines that share the work: each connection is watched by one of them, chosen round-robin.
+pub struct EngineGroup {
+    engines: Vec<Engine>,
+    next: AtomicUsize,
+    events: flume::Receiver<Event>,
+}
+
+impl EngineGroup {
+    /// A builder: one engine per available CPU, default engine settings.
+    pub fn builder() -> GroupBuilder {
+        GroupBuilder {
+            engines: std::thread::available_parallelism().map_or(1, usize::from),
+            engine: EngineBuilder::default(),
+        }
+    }
+
+    fn pick(&self) -> &Engine {
+        let k = self.next.fetch_add(1, Ordering::Relaxed) % self.engines.len();
+        &self.engines[k]
+    }
+
+    /// Watches `stream` on one of the engines. If that engine is full, the others are tried.
+    pub fn watch<T: AsFd>(&self, stream: T, policy: &Policy) -> Result<Watched<T>, WatchError> {
+        let first = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut stream = Some(stream);
+        let mut last = None;
+        for i in 0..self.engines.len() {
+            let engine = &self.engines[(first + i) % self.engines.len()];
+            if engine.stats().watched >= u64::from(engine.capacity()) {
+                last = Some(WatchError::Full {
+                    capacity: engine.capacity(),
+                });
+                continue;
+            }
+            return engine.watch(stream.take().expect("taken once"), policy);
+        }
+        Err(last.unwrap_or(WatchError::EngineStopped))
+    }
+
+    /// Watches a simulated connection on one of the engines.
+    pub fn watch_virtual(&self, policy: &Policy) -> Result<VirtualConn, WatchError> {
+        self.pick().watch_virtual(policy)
+    }
+
+    /// The shared event channel.
+    pub fn events(&self) -> &flume::Receiver<Event> {
+        &self.events
+    }
+
+    /// Totals of all engines.
+    pub fn stats(&self) -> EngineStats {
+        let mut total = EngineStats::default();
+        for engine in &self.engines {
+            total.merge(&engine.stats());
+        }
+        total
+    }
+
+    /// Per-engine statistics.
+    pub fn engine_stats(&self) -> Vec<EngineStats> {
+        self.engines.iter().map(Engine::stats).collect()
+    }
+
+    /// The activity source of the first engine (all start with the same one).
+    pub fn source_kind(&self) -> SourceKind {
+        self.engines[0].source_kind()
+    }
+
+    /// The number of engines.
+    pub fn len(&self) -> usize {
+        self.engines.len()
+    }
+
+    /// Always false: a group has at least one engine.
+    pub fn is_empty(&self) -> bool {
+        self.engines.is_empty()
+    }
+
+    /// Stops every engine.
+    pub fn shutdown(self) {
+        for engine in self.engines {
+            engine.shutdown();
+        }
+    }
+}

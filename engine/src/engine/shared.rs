@@ -1,0 +1,173 @@
+//! State shared between an engine's thread and the handles of the connections it watches.
+//!
+//! # Ground rules
+//! - The engine thread owns the wheel, the connection records and the probe ring. Nothing else
+//!   touches them; handles talk to it through [`Command`]s.
+//! - A handle may touch its socket only while its slot is `Live` (it is, until the handle is
+//!   dropped). The engine may touch a socket only after moving its slot from `Live` to `Busy`,
+//!   and moves it back once every request on the fd has completed. A dropping handle moves
+//!   `Live` to `Dropped`, waiting while the slot is `Busy`; after that the engine never
+//!   touches the fd again. That is what makes "no probe after drop" hold even when the fd
+//!   number is reused at once.
+//! - Statistics cells are written by the engine thread only, read by anyone.
+
+use std::{
+    collections::{HashMap, HashSet},
+    os::fd::RawFd,
+    sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock},
+    time::Duration,
+};
+
+use crate::{
+    activity::{ActivitySource, Slot, SlotAllocator, SourceKind},
+    policy::{ActivityMode, Mode, OnDead, Policy, Probe},
+};
+
+use super::{
+    Event,
+    events::{ConnStatsCell, Counters},
+};
+
+/// Index of a policy in an engine's policy table.
+pub(crate) type PolicyId = u16;
+
+/// A request from a handle (or the engine's owner) to the engine thread.
+pub(crate) enum Command {
+    /// A new policy; always sent before the first command that refers to it.
+    AddPolicy { id: PolicyId, policy: Box<Policy> },
+    /// Start watching `slot`.
+    Watch {
+        slot: Slot,
+        fd: RawFd,
+        policy: PolicyId,
+        now_ns: u64,
+    },
+    /// The handle was dropped: forget `slot` and free it.
+    Unwatch { slot: Slot },
+    /// Switch `slot` to another policy and re-evaluate it at once.
+    SetPolicy { slot: Slot, policy: PolicyId },
+    /// Stop the engine thread.
+    Shutdown,
+}
+
+/// The process-wide set of watched sockets, by inode: one socket can only be watched by one
+/// engine at a time, and this is how an fd handed to a second engine is refused.
+pub(crate) fn watched_sockets() -> MutexGuard<'static, HashSet<u64>> {
+    static SOCKETS: OnceLock<Mutex<HashSet<u64>>> = OnceLock::new();
+    SOCKETS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The hashable parts of a [`Policy`] (its `jitter` is an `f64`).
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct PolicyKey {
+    idle: Duration,
+    interval: Duration,
+    count: u32,
+    jitter_bits: u64,
+    mode: Mode,
+    activity: ActivityMode,
+    on_dead: OnDead,
+    probe: Probe,
+    spacing: Duration,
+}
+
+impl PolicyKey {
+    fn of(p: &Policy) -> Self {
+        Self {
+            idle: p.idle,
+            interval: p.interval,
+            count: p.count,
+            jitter_bits: p.jitter.to_bits(),
+            mode: p.mode,
+            activity: p.activity,
+            on_dead: p.on_dead,
+            probe: p.probe.clone(),
+            spacing: p.min_probe_spacing,
+        }
+    }
+}
+
+/// Policies an engine has seen, each stored once.
+#[derive(Default)]
+pub(crate) struct PolicyRegistry {
+    ids: HashMap<PolicyKey, PolicyId>,
+}
+
+impl PolicyRegistry {
+    /// The id of `policy`, and whether it is new (and must be sent to the engine thread).
+    pub(crate) fn intern(&mut self, policy: &Policy) -> Option<(PolicyId, bool)> {
+        let key = PolicyKey::of(policy);
+        if let Some(&id) = self.ids.get(&key) {
+            return Some((id, false));
+        }
+        let id = PolicyId::try_from(self.ids.len()).ok()?;
+        self.ids.insert(key, id);
+        Some((id, true))
+    }
+}
+
+/// Everything an engine's handles share with its thread.
+pub(crate) struct Shared {
+    /// Slot allocation and the per-slot `Live`/`Busy`/`Dropped` word.
+    pub(crate) slots: SlotAllocator,
+    /// Per-slot statistics, indexed by local slot index.
+    pub(crate) stats: Box<[ConnStatsCell]>,
+    pub(crate) counters: Counters,
+    pub(crate) commands: flume::Sender<Command>,
+    pub(crate) events: flume::Sender<Event>,
+    /// The source in use; replaced if the eBPF source fails at run time.
+    pub(crate) source: RwLock<Arc<dyn ActivitySource>>,
+    pub(crate) policies: Mutex<PolicyRegistry>,
+    /// First slot index of this engine (engines of a group share one source).
+    pub(crate) slot_base: u32,
+}
+
+impl Shared {
+    pub(crate) fn source(&self) -> Arc<dyn ActivitySource> {
+        self.source
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub(crate) fn source_kind(&self) -> SourceKind {
+        self.source().kind()
+    }
+
+    pub(crate) fn set_source(&self, source: Arc<dyn ActivitySource>) {
+        *self.source.write().unwrap_or_else(PoisonError::into_inner) = source;
+    }
+
+    pub(crate) fn stats_cell(&self, slot: Slot) -> Option<&ConnStatsCell> {
+        self.stats
+            .get(slot.index.checked_sub(self.slot_base)? as usize)
+    }
+
+    /// Interns `policy` and, if it is new, sends it to the engine thread before returning, so
+    /// that no command can refer to an id the thread has not seen.
+    pub(crate) fn policy_id(&self, policy: &Policy) -> Option<PolicyId> {
+        let mut registry = self.policies.lock().unwrap_or_else(PoisonError::into_inner);
+        let (id, new) = registry.intern(policy)?;
+        if new {
+            let _ = self.commands.send(Command::AddPolicy {
+                id,
+                policy: Box::new(policy.clone()),
+            });
+        }
+        Some(id)
+    }
+}
+
+/// Zeroed statistics cells from `calloc`, so a large capacity costs nothing until used.
+pub(crate) fn zeroed_stats(capacity: usize) -> Box<[ConnStatsCell]> {
+    const _: () = assert!(size_of::<ConnStatsCell>() == size_of::<[u32; 3]>());
+    const _: () = assert!(align_of::<ConnStatsCell>() == align_of::<[u32; 3]>());
+    // `vec![zero; n]` of integers allocates with `alloc_zeroed`.
+    let cells = vec![[0u32; 3]; capacity].into_boxed_slice();
+    // SAFETY: `ConnStatsCell` is `#[repr(C)]` over three `AtomicU32`, which have the size,
+    // alignment and bit validity of `u32`; all zeroes is its default.
+    unsafe { Box::from_raw(Box::into_raw(cells) as *mut [ConnStatsCell]) }
+}

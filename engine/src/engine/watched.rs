@@ -1,0 +1,448 @@
+//! [`Watched<T>`]: a stream the engine keeps alive, owned like tokio's `AsyncFd<T>`.
+
+use std::{
+    io,
+    ops::{Deref, DerefMut},
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    sync::Arc,
+    time::Duration,
+};
+
+use crate::{
+    activity::{ActivityError, Slot, SlotState, TcpState, tcp_info},
+    policy::{Policy, PolicyError},
+};
+
+use super::{
+    ConnId, ConnStats,
+    shared::{Command, Shared, watched_sockets},
+};
+
+/// Why a stream could not be watched.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    /// The policy is invalid.
+    #[error("invalid policy: {0}")]
+    Policy(#[from] PolicyError),
+    /// The fd is not open.
+    #[error("fd {0} is not open")]
+    ClosedFd(i32),
+    /// The fd is not a socket.
+    #[error("fd {0} is not a socket")]
+    NotSocket(i32),
+    /// The socket is not TCP (e.g. UDP or a Unix socket); lull keeps TCP connections alive.
+    #[error("fd {fd} is a {kind} socket; lull watches TCP connections only")]
+    NotTcp {
+        /// The fd.
+        fd: i32,
+        /// What it is instead.
+        kind: &'static str,
+    },
+    /// The socket is listening; watch the connections it accepts instead.
+    #[error("fd {0} is a listening socket; watch the accepted connections instead")]
+    Listening(i32),
+    /// The socket is not (or no longer) connected.
+    #[error("fd {fd} is not a connected TCP socket (state {state:?})")]
+    NotConnected {
+        /// The fd.
+        fd: i32,
+        /// Its TCP state.
+        state: TcpState,
+    },
+    /// The socket is already watched, by this engine or another one in this process.
+    #[error("the socket behind fd {0} is already watched by a lull engine")]
+    AlreadyWatched(i32),
+    /// Every slot of the engine is in use; it keeps serving the connections it has.
+    #[error("the engine is full ({capacity} connections)")]
+    Full {
+        /// The engine's capacity.
+        capacity: u32,
+    },
+    /// More distinct policies than an engine can index (65,536).
+    #[error("too many distinct policies in one engine (the limit is 65536)")]
+    TooManyPolicies,
+    /// The activity source refused the socket.
+    #[error("activity source: {0}")]
+    Activity(#[from] ActivityError),
+    /// A system call on the socket failed.
+    #[error("{call} on fd {fd}: {source}")]
+    Syscall {
+        /// The call.
+        call: &'static str,
+        /// The fd.
+        fd: i32,
+        /// The error.
+        source: io::Error,
+    },
+    /// The engine has shut down.
+    #[error("the engine has shut down")]
+    EngineStopped,
+}
+
+/// What [`check_socket`] found out about an fd.
+pub(crate) struct SocketIdentity {
+    pub(crate) inode: u64,
+}
+
+/// Refuses anything but a connected TCP socket, with an error that says what it is instead.
+pub(crate) fn check_socket(fd: BorrowedFd<'_>) -> Result<SocketIdentity, WatchError> {
+    let raw = fd.as_raw_fd();
+    // SAFETY: `st` is a valid out-pointer; all-zero is a valid `stat`.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::fstat(raw, &mut st) } != 0 {
+        let err = io::Error::last_os_error();
+        return Err(if err.raw_os_error() == Some(libc::EBADF) {
+            WatchError::ClosedFd(raw)
+        } else {
+            WatchError::Syscall {
+                call: "fstat",
+                fd: raw,
+                source: err,
+            }
+        });
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(WatchError::NotSocket(raw));
+    }
+    let domain = sockopt_int(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_DOMAIN,
+        "getsockopt(SO_DOMAIN)",
+    )?;
+    let ty = sockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE, "getsockopt(SO_TYPE)")?;
+    let protocol = sockopt_int(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_PROTOCOL,
+        "getsockopt(SO_PROTOCOL)",
+    )?;
+    let kind = match (domain, ty, protocol) {
+        (libc::AF_INET | libc::AF_INET6, libc::SOCK_STREAM, libc::IPPROTO_TCP) => None,
+        (libc::AF_INET | libc::AF_INET6, libc::SOCK_DGRAM, _) => Some("UDP"),
+        (libc::AF_INET | libc::AF_INET6, _, libc::IPPROTO_SCTP) => Some("SCTP"),
+        (libc::AF_UNIX, _, _) => Some("Unix"),
+        (libc::AF_INET | libc::AF_INET6, libc::SOCK_RAW, _) => Some("raw"),
+        _ => Some("non-TCP"),
+    };
+    if let Some(kind) = kind {
+        return Err(WatchError::NotTcp { fd: raw, kind });
+    }
+    if sockopt_int(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_ACCEPTCONN,
+        "getsockopt(SO_ACCEPTCONN)",
+    )? != 0
+    {
+        return Err(WatchError::Listening(raw));
+    }
+    let info = tcp_info(fd).map_err(|source| WatchError::Syscall {
+        call: "getsockopt(TCP_INFO)",
+        fd: raw,
+        source,
+    })?;
+    let state = TcpState::from_raw(info.tcpi_state);
+    if state != TcpState::Established {
+        return Err(WatchError::NotConnected { fd: raw, state });
+    }
+    Ok(SocketIdentity { inode: st.st_ino })
+}
+
+fn sockopt_int(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    call: &'static str,
+) -> Result<libc::c_int, WatchError> {
+    let mut value: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value`/`len` are valid out-pointers of the declared size.
+    let ret = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&raw mut value).cast(),
+            &mut len,
+        )
+    };
+    if ret == 0 {
+        Ok(value)
+    } else {
+        Err(WatchError::Syscall {
+            call,
+            fd: fd.as_raw_fd(),
+            source: io::Error::last_os_error(),
+        })
+    }
+}
+
+/// Sets an integer socket option.
+pub(crate) fn set_sockopt_int(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+    call: &'static str,
+) -> Result<(), WatchError> {
+    // SAFETY: `value` is a valid c_int for the duration of the call.
+    let ret = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&raw const value).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(WatchError::Syscall {
+            call,
+            fd: fd.as_raw_fd(),
+            source: io::Error::last_os_error(),
+        })
+    }
+}
+
+/// Hands a kernel-probed socket to the kernel's keepalive, with the policy's timings, and
+/// `TCP_USER_TIMEOUT` at the same bound so that unacknowledged data cannot stall detection
+/// (keepalive probes are not sent while data is in flight; retransmissions are, and the user
+/// timeout caps how long they may go unanswered).
+pub(crate) fn enable_kernel_keepalive(
+    fd: BorrowedFd<'_>,
+    policy: &Policy,
+) -> Result<(), WatchError> {
+    let secs = |d: Duration| libc::c_int::try_from(d.as_secs().max(1)).unwrap_or(libc::c_int::MAX);
+    let bound_ms =
+        libc::c_int::try_from(policy.detection_bound().as_millis()).unwrap_or(libc::c_int::MAX);
+    set_sockopt_int(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_KEEPALIVE,
+        1,
+        "setsockopt(SO_KEEPALIVE)",
+    )?;
+    set_sockopt_int(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_KEEPIDLE,
+        secs(policy.idle),
+        "setsockopt(TCP_KEEPIDLE)",
+    )?;
+    set_sockopt_int(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_KEEPINTVL,
+        secs(policy.interval),
+        "setsockopt(TCP_KEEPINTVL)",
+    )?;
+    set_sockopt_int(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_KEEPCNT,
+        policy.count as libc::c_int,
+        "setsockopt(TCP_KEEPCNT)",
+    )?;
+    set_sockopt_int(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_USER_TIMEOUT,
+        bound_ms,
+        "setsockopt(TCP_USER_TIMEOUT)",
+    )
+}
+
+/// The engine-side identity of a watched connection; stopping the watch is `deregister`.
+pub(crate) struct Registration {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) slot: Slot,
+    pub(crate) inode: Option<u64>,
+}
+
+impl Registration {
+    /// Stops the engine from ever touching the socket again, then tells it to forget the slot.
+    /// `fd` is the socket, still open (it is closed only after this returns).
+    pub(crate) fn deregister(&self, fd: Option<BorrowedFd<'_>>) {
+        let slots = &self.shared.slots;
+        let mut spins = 0u32;
+        while !slots.transition(self.slot, SlotState::Live, SlotState::Dropped) {
+            match slots.state(self.slot) {
+                // The engine is mid-submission on this fd: wait for it to finish. It holds
+                // `Busy` for one batch, which completes within the `io_uring_enter` call.
+                Some(SlotState::Busy) => {
+                    spins += 1;
+                    if spins < 64 {
+                        std::hint::spin_loop();
+                    } else {
+                        std::thread::yield_now();
+                    }
+                }
+                _ => break,
+            }
+        }
+        self.shared.source().detach(self.slot, fd);
+        if let Some(inode) = self.inode {
+            watched_sockets().remove(&inode);
+        }
+        let _ = self
+            .shared
+            .commands
+            .send(Command::Unwatch { slot: self.slot });
+    }
+
+    pub(crate) fn id(&self) -> ConnId {
+        ConnId::from_slot(self.slot)
+    }
+
+    pub(crate) fn stats(&self) -> ConnStats {
+        self.shared
+            .stats_cell(self.slot)
+            .map(|c| c.snapshot())
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn set_policy(&self, policy: &Policy) -> Result<(), WatchError> {
+        policy.validate()?;
+        let id = self
+            .shared
+            .policy_id(policy)
+            .ok_or(WatchError::TooManyPolicies)?;
+        self.shared
+            .commands
+            .send(Command::SetPolicy {
+                slot: self.slot,
+                policy: id,
+            })
+            .map_err(|_| WatchError::EngineStopped)
+    }
+}
+
+/// A stream watched by an engine. It owns the stream and derefs to it; dropping it stops the
+/// watch and then drops the stream.
+///
+/// After `drop` returns, the engine never writes to the stream's fd again, even if the fd
+/// number is reused at once by another socket.
+pub struct Watched<T: AsFd> {
+    stream: Option<T>,
+    registration: Registration,
+}
+
+impl<T: AsFd> Watched<T> {
+    pub(crate) fn new(stream: T, registration: Registration) -> Self {
+        Self {
+            stream: Some(stream),
+            registration,
+        }
+    }
+
+    /// The connection's id, as events carry it.
+    pub fn id(&self) -> ConnId {
+        self.registration.id()
+    }
+
+    /// Probe statistics of this connection.
+    pub fn stats(&self) -> ConnStats {
+        self.registration.stats()
+    }
+
+    /// Switches this connection to another policy. The engine re-evaluates it at once.
+    pub fn set_policy(&self, policy: &Policy) -> Result<(), WatchError> {
+        self.registration.set_policy(policy)
+    }
+
+    /// Stops watching and gives the stream back.
+    pub fn into_inner(mut self) -> T {
+        let stream = self
+            .stream
+            .take()
+            .expect("the stream is present until drop");
+        self.registration.deregister(Some(stream.as_fd()));
+        // `Drop` sees no stream and does nothing more.
+        stream
+    }
+
+    fn stream(&self) -> &T {
+        self.stream
+            .as_ref()
+            .expect("the stream is present until drop")
+    }
+}
+
+impl<T: AsFd> Deref for Watched<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        self.stream()
+    }
+}
+
+impl<T: AsFd> DerefMut for Watched<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        self.stream
+            .as_mut()
+            .expect("the stream is present until drop")
+    }
+}
+
+impl<T: AsFd> AsFd for Watched<T> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.stream().as_fd()
+    }
+}
+
+impl<T: AsFd> Drop for Watched<T> {
+    fn drop(&mut self) {
+        if let Some(stream) = self.stream.take() {
+            self.registration.deregister(Some(stream.as_fd()));
+            drop(stream);
+        }
+    }
+}
+
+impl<T: AsFd + std::fmt::Debug> std::fmt::Debug for Watched<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watched")
+            .field("id", &self.id())
+            .field("stream", &self.stream)
+            .finish()
+    }
+}
+
+/// A simulated connection: no socket, activity from a [`SimulatedSource`], probes to a
+/// counting sink. For benchmarks and simulations of engines larger than a host can hold.
+///
+/// [`SimulatedSource`]: crate::activity::SimulatedSource
+pub struct VirtualConn {
+    registration: Registration,
+}
+
+impl VirtualConn {
+    pub(crate) fn new(registration: Registration) -> Self {
+        Self { registration }
+    }
+
+    /// The connection's id.
+    pub fn id(&self) -> ConnId {
+        self.registration.id()
+    }
+
+    /// Its slot in the activity source (what the simulator stamps).
+    pub fn slot_index(&self) -> u32 {
+        self.registration.slot.index
+    }
+
+    /// Probe statistics.
+    pub fn stats(&self) -> ConnStats {
+        self.registration.stats()
+    }
+}
+
+impl Drop for VirtualConn {
+    fn drop(&mut self) {
+        self.registration.deregister(None);
+    }
+}

@@ -1,0 +1,687 @@
+//! The engine thread: one wheel, one ring, one loop.
+//!
+//! Each turn of the loop takes commands, fires the timers that are due, sends the probes they
+//! asked for as one io_uring submission, and sleeps until the next timer (or command). A
+//! turn's probes are bounded (`max_probes_per_tick`), so a herd of connections that all come
+//! due together is spread over ticks instead of stalling the loop.
+
+use std::{
+    collections::HashMap,
+    os::fd::{BorrowedFd, RawFd},
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use crate::{
+    activity::{ActivitySource, Slot, SlotState, TcpInfoSource, tcp_info},
+    clock::monotonic_ns,
+    policy::{OnDead, Policy, Probe},
+    probe::ring::{Completion, ProbeRing},
+    wheel::TimingWheel,
+};
+
+use super::{
+    CloseReason, ConnId, Event,
+    conn::{CompiledPolicy, ConnState, Phase, ProbeKind, Verdict, decide, decide_kernel},
+    shared::{Command, Shared},
+};
+
+/// How often the source is checked and kernel logs are forwarded.
+const HOUSEKEEPING_NS: u64 = 1_000_000_000;
+/// Timer expiries handled per turn before commands get a look-in again.
+const MAX_FIRES_PER_TURN: u32 = 16_384;
+
+/// A probe in the current batch.
+struct Inflight {
+    local: u32,
+    /// State before the probe was decided, restored if it does not go out.
+    undo: (ConnState, u64),
+    len: u32,
+}
+
+pub(crate) struct WorkerConfig {
+    pub(crate) tick_ns: u64,
+    pub(crate) max_probes_per_tick: u32,
+}
+
+pub(crate) struct Worker {
+    shared: Arc<Shared>,
+    commands: flume::Receiver<Command>,
+    source: Arc<dyn ActivitySource>,
+    resolution_ns: u64,
+    wheel: TimingWheel,
+    conns: Vec<ConnState>,
+    policies: Vec<CompiledPolicy>,
+    payloads: Vec<Box<[u8]>>,
+    payload_ids: HashMap<Box<[u8]>, u16>,
+    ring: ProbeRing,
+    inflight: Vec<Inflight>,
+    completions: Vec<Completion>,
+    config: WorkerConfig,
+    start_ns: u64,
+    rng: u64,
+    probes_this_tick: (u64, u32),
+    next_housekeeping_ns: u64,
+    source_failed: bool,
+}
+
+impl Worker {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        commands: flume::Receiver<Command>,
+        ring: ProbeRing,
+        config: WorkerConfig,
+    ) -> Self {
+        let source = shared.source();
+        let start_ns = monotonic_ns();
+        Self {
+            resolution_ns: source.resolution_ns(),
+            source,
+            shared,
+            commands,
+            wheel: TimingWheel::new(),
+            conns: Vec::new(),
+            policies: Vec::new(),
+            payloads: Vec::new(),
+            payload_ids: HashMap::new(),
+            ring,
+            inflight: Vec::new(),
+            completions: Vec::new(),
+            config,
+            start_ns,
+            rng: start_ns | 1,
+            probes_this_tick: (0, 0),
+            next_housekeeping_ns: start_ns + HOUSEKEEPING_NS,
+            source_failed: false,
+        }
+    }
+
+    pub(crate) fn run(mut self) {
+        loop {
+            let turn_start = monotonic_ns();
+            loop {
+                match self.commands.try_recv() {
+                    Ok(Command::Shutdown) | Err(flume::TryRecvError::Disconnected) => return,
+                    Ok(cmd) => self.handle(cmd),
+                    Err(flume::TryRecvError::Empty) => break,
+                }
+            }
+            let now = monotonic_ns();
+            let budget_left = self.fire_due(now);
+            if now >= self.next_housekeeping_ns {
+                self.housekeeping(now);
+            }
+            let spent_us = (monotonic_ns() - turn_start) / 1_000;
+            self.shared
+                .counters
+                .max_loop_us
+                .fetch_max(spent_us, Ordering::Relaxed);
+
+            let wake_ns = self.next_wake_ns(now, budget_left);
+            let now = monotonic_ns();
+            if wake_ns <= now {
+                continue;
+            }
+            let deadline = Instant::now() + Duration::from_nanos(wake_ns - now);
+            match self.commands.recv_deadline(deadline) {
+                Ok(Command::Shutdown) | Err(flume::RecvTimeoutError::Disconnected) => return,
+                Ok(cmd) => self.handle(cmd),
+                Err(flume::RecvTimeoutError::Timeout) => {}
+            }
+        }
+    }
+
+    fn tick_of(&self, ns: u64) -> u64 {
+        ns.saturating_sub(self.start_ns) / self.config.tick_ns
+    }
+
+    /// The first tick at or after `ns`: a timer never fires before its deadline.
+    fn deadline_tick(&self, ns: u64) -> u64 {
+        ns.saturating_sub(self.start_ns)
+            .div_ceil(self.config.tick_ns)
+    }
+
+    fn next_wake_ns(&self, now: u64, budget_left: bool) -> u64 {
+        let mut wake = self.next_housekeeping_ns;
+        if let Some(tick) = self.wheel.next_expiration() {
+            let mut tick = tick;
+            if !budget_left {
+                // This tick's probe budget is spent: come back at the next tick.
+                tick = tick.max(self.tick_of(now) + 1);
+            }
+            wake = wake.min(
+                self.start_ns
+                    .saturating_add(tick.saturating_mul(self.config.tick_ns)),
+            );
+        }
+        wake
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::AddPolicy { id, policy } => self.add_policy(id, &policy),
+            Command::Watch {
+                slot,
+                fd,
+                policy,
+                now_ns,
+            } => self.watch(slot, fd, policy, now_ns),
+            Command::Unwatch { slot } => self.unwatch(slot),
+            Command::SetPolicy { slot, policy } => {
+                let now_tick = self.tick_of(monotonic_ns());
+                if let Some(c) = self.conn_mut(slot) {
+                    c.policy = policy;
+                    let timer = c.timer;
+                    self.wheel.reset(timer, now_tick);
+                }
+            }
+            Command::Shutdown => {}
+        }
+    }
+
+    fn add_policy(&mut self, id: u16, policy: &Policy) {
+        let payload = match &policy.probe {
+            Probe::Bytes(payload) => {
+                let bytes: Box<[u8]> = payload.as_bytes().into();
+                let next = self.payloads.len() as u16;
+                *self.payload_ids.entry(bytes.clone()).or_insert_with(|| {
+                    self.payloads.push(bytes);
+                    next
+                })
+            }
+            Probe::Kernel | Probe::Callback => 0,
+        };
+        let compiled = CompiledPolicy::new(policy, payload);
+        let id = id as usize;
+        if self.policies.len() <= id {
+            self.policies.resize(id + 1, compiled);
+        }
+        self.policies[id] = compiled;
+    }
+
+    fn local(&self, slot: Slot) -> Option<usize> {
+        slot.index
+            .checked_sub(self.shared.slot_base)
+            .map(|l| l as usize)
+    }
+
+    fn conn_mut(&mut self, slot: Slot) -> Option<&mut ConnState> {
+        let local = self.local(slot)?;
+        self.conns.get_mut(local).filter(|c| c.fd != FREE_FD)
+    }
+
+    fn watch(&mut self, slot: Slot, fd: RawFd, policy: u16, now: u64) {
+        let Some(local) = self.local(slot) else {
+            return;
+        };
+        let Some(p) = self.policies.get(policy as usize).copied() else {
+            tracing::error!(%slot.index, policy, "watch refers to an unknown policy");
+            return;
+        };
+        let (phase, first) = match (p.probe, p.mode) {
+            (ProbeKind::Kernel, _) => (Phase::Kernel, now + p.kernel_verdict_ns()),
+            (_, crate::policy::Mode::KeepWarm) => (Phase::Watching, now + p.interval_ns),
+            _ => (Phase::Watching, now + p.idle_ns - self.jitter(&p)),
+        };
+        let timer = self.wheel.insert(self.deadline_tick(first), local as u32);
+        if self.conns.len() <= local {
+            let free = ConnState::new(FREE_FD, timer, 0, Phase::Inert);
+            self.conns.resize(local + 1, free);
+        }
+        self.conns[local] = ConnState::new(fd, timer, policy, phase);
+        self.shared.counters.watched.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn unwatch(&mut self, slot: Slot) {
+        let Some(local) = self.local(slot) else {
+            return;
+        };
+        if let Some(c) = self.conns.get_mut(local).filter(|c| c.fd != FREE_FD) {
+            let old = *c;
+            c.fd = FREE_FD;
+            self.wheel.remove(old.timer);
+            self.gauge(old.phase(), Phase::Inert);
+            self.shared.counters.watched.fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Some(cell) = self.shared.stats.get(local) {
+            cell.reset();
+        }
+        self.shared.slots.free(slot);
+    }
+
+    /// Keeps the `probing` and `dead_now` gauges in step with a phase change.
+    fn gauge(&self, from: Phase, to: Phase) {
+        let counters = &self.shared.counters;
+        for (phase, delta) in [(from, -1i64), (to, 1)] {
+            let gauge = match phase {
+                Phase::Probing => &counters.probing,
+                Phase::Dead => &counters.dead_now,
+                _ => continue,
+            };
+            if delta > 0 {
+                gauge.fetch_add(1, Ordering::Relaxed);
+            } else {
+                gauge.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A random advance for one arm, up to the policy's jitter.
+    fn jitter(&mut self, p: &CompiledPolicy) -> u64 {
+        if p.jitter_ns == 0 {
+            return 0;
+        }
+        // xorshift64*: a different draw per arm, so a burst of registrations spreads out and
+        // stays spread.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        let r = self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 32;
+        ((u128::from(r) * u128::from(p.jitter_ns)) >> 32) as u64
+    }
+
+    /// Fires the timers due at `now`. Returns whether probe budget is left in this tick.
+    fn fire_due(&mut self, now: u64) -> bool {
+        let tick = self.tick_of(now);
+        if self.probes_this_tick.0 != tick {
+            self.probes_this_tick = (tick, 0);
+        }
+        let mut fires = 0;
+        while fires < MAX_FIRES_PER_TURN
+            && self.probes_this_tick.1 < self.config.max_probes_per_tick
+            && self.ring.room() > 0
+        {
+            let Some(expired) = self.wheel.poll(tick) else {
+                break;
+            };
+            fires += 1;
+            self.fire(expired.token as usize, now);
+        }
+        self.flush(now);
+        self.probes_this_tick.1 < self.config.max_probes_per_tick
+    }
+
+    fn fire(&mut self, local: usize, now: u64) {
+        let Some(&c) = self.conns.get(local).filter(|c| c.fd != FREE_FD) else {
+            return;
+        };
+        let Some(slot) = self.shared.slots.slot_at(local as u32) else {
+            return;
+        };
+        // From here until the slot is released, a dropping handle waits for us.
+        if !self
+            .shared
+            .slots
+            .transition(slot, SlotState::Live, SlotState::Busy)
+        {
+            // Dropped: the Unwatch command is on its way and will free the entry.
+            return;
+        }
+        self.shared.counters.wakeups.fetch_add(1, Ordering::Relaxed);
+        let p = self.policies[c.policy as usize];
+        let fd = borrow(c.fd);
+
+        if c.resume != 0 {
+            // The last probe went out short: finish it before anything else, or the stream
+            // the peer parses is left with half a frame. It does not count as a probe.
+            if let ProbeKind::Bytes(payload) = p.probe {
+                self.rearm(local, now + p.interval_ns);
+                if self.push_probe(local, c, payload, now) {
+                    return;
+                }
+            }
+        }
+
+        let activity = match self.source.read(slot, fd) {
+            Ok(a) => a,
+            Err(err) => {
+                tracing::debug!(conn = %ConnId::from_slot(slot), "reading activity: {err}");
+                self.rearm(local, now + p.interval_ns);
+                self.release(slot);
+                return;
+            }
+        };
+        let jitter = self.jitter(&p);
+        let before = c;
+        let verdict = if c.phase() == Phase::Kernel {
+            match fd.map(tcp_info) {
+                Some(Ok(info)) => decide_kernel(&mut self.conns[local], &p, &activity, &info, now),
+                _ => Verdict::Rearm {
+                    at: now + p.interval_ns,
+                },
+            }
+        } else {
+            decide(
+                &mut self.conns[local],
+                &p,
+                &activity,
+                now,
+                self.resolution_ns,
+                jitter,
+            )
+        };
+        self.gauge(before.phase(), self.conns[local].phase());
+        self.apply(slot, local, before, &p, verdict, now);
+    }
+
+    fn apply(
+        &mut self,
+        slot: Slot,
+        local: usize,
+        before: ConnState,
+        p: &CompiledPolicy,
+        verdict: Verdict,
+        now: u64,
+    ) {
+        let id = ConnId::from_slot(slot);
+        let shared = self.shared.clone();
+        let counters = &shared.counters;
+        match verdict {
+            Verdict::Rearm { at } => {
+                if before.phase() == Phase::Watching {
+                    counters.wakeups_rearmed.fetch_add(1, Ordering::Relaxed);
+                }
+                self.rearm(local, at);
+            }
+            Verdict::Probe { at } => {
+                self.rearm(local, at);
+                match p.probe {
+                    ProbeKind::Bytes(payload) => {
+                        if self.push_probe(local, before, payload, now) {
+                            return; // released after the batch completes
+                        }
+                    }
+                    ProbeKind::Callback => {
+                        self.emit(Event::ProbeDue { id });
+                        self.count_sent(local);
+                    }
+                    ProbeKind::Kernel => {}
+                }
+            }
+            Verdict::Answered { rtt, at } => {
+                counters.probes_answered.fetch_add(1, Ordering::Relaxed);
+                if let Some(cell) = self.shared.stats.get(local) {
+                    cell.add_answered(rtt);
+                }
+                self.rearm(local, at);
+            }
+            Verdict::Dead { silent, probes, at } => {
+                counters.dead.fetch_add(1, Ordering::Relaxed);
+                self.emit(Event::Dead {
+                    id,
+                    after: Duration::from_nanos(silent),
+                    probes,
+                });
+                let fd = borrow(self.conns[local].fd);
+                match (p.on_dead, fd) {
+                    (OnDead::Report, _) if at != u64::MAX => self.rearm(local, at),
+                    (OnDead::Shutdown, Some(fd)) => {
+                        shutdown(fd);
+                        self.make_inert(local);
+                    }
+                    (OnDead::Reset, Some(fd)) => {
+                        reset(fd);
+                        self.make_inert(local);
+                    }
+                    _ => self.make_inert(local),
+                }
+            }
+            Verdict::Revived { at } => {
+                counters.revived.fetch_add(1, Ordering::Relaxed);
+                self.emit(Event::Revived { id });
+                self.rearm(local, at);
+            }
+            Verdict::Closed(reason) => {
+                self.close(local, id, reason);
+            }
+        }
+        self.release(slot);
+    }
+
+    fn make_inert(&mut self, local: usize) {
+        let c = &mut self.conns[local];
+        let old = c.phase();
+        c.set_phase(Phase::Inert);
+        let timer = c.timer;
+        self.wheel.disarm(timer);
+        self.gauge(old, Phase::Inert);
+    }
+
+    fn close(&mut self, local: usize, id: ConnId, reason: CloseReason) {
+        self.shared.counters.closed.fetch_add(1, Ordering::Relaxed);
+        self.emit(Event::Closed { id, reason });
+        self.make_inert(local);
+    }
+
+    fn rearm(&mut self, local: usize, at_ns: u64) {
+        let now_tick = self.wheel.now();
+        let tick = self.deadline_tick(at_ns).max(now_tick + 1);
+        let timer = self.conns[local].timer;
+        self.wheel.reset(timer, tick);
+    }
+
+    fn release(&self, slot: Slot) {
+        let released = self
+            .shared
+            .slots
+            .transition(slot, SlotState::Busy, SlotState::Live);
+        debug_assert!(released, "only the engine moves a slot out of Busy");
+    }
+
+    fn emit(&self, event: Event) {
+        if let Err(flume::TrySendError::Full(_)) = self.shared.events.try_send(event) {
+            self.shared
+                .counters
+                .events_dropped
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn count_sent(&self, local: usize) {
+        self.shared
+            .counters
+            .probes_sent
+            .fetch_add(1, Ordering::Relaxed);
+        if let Some(cell) = self.shared.stats.get(local) {
+            cell.add_sent();
+        }
+    }
+
+    /// Queues the probe (or its unsent rest) for `local`. Returns false if nothing was queued,
+    /// in which case the caller still holds the slot and must release it.
+    fn push_probe(&mut self, local: usize, undo: ConnState, payload: u16, now: u64) -> bool {
+        let c = self.conns[local];
+        let Some(bytes) = self.payloads.get(payload as usize) else {
+            return false;
+        };
+        let offset = usize::from(c.resume).min(bytes.len());
+        let rest = &bytes[offset..];
+        let tag = self.inflight.len() as u64;
+        let queued = if c.fd == VIRTUAL_FD {
+            self.ring.push_nop(tag)
+        } else {
+            // SAFETY: payload buffers live in `self.payloads` for the engine's whole life and
+            // are never modified; the submission completes within `flush`, before any change.
+            unsafe {
+                self.ring
+                    .push_send(c.fd, rest.as_ptr(), rest.len() as u32, tag)
+            }
+        };
+        if queued {
+            self.inflight.push(Inflight {
+                local: local as u32,
+                undo: (undo, now),
+                len: rest.len() as u32,
+            });
+            self.probes_this_tick.1 += 1;
+        }
+        queued
+    }
+
+    /// Submits the batch, applies each result, and releases every slot in it.
+    fn flush(&mut self, now: u64) {
+        if self.inflight.is_empty() {
+            return;
+        }
+        self.completions.clear();
+        if let Err(err) = self.ring.submit(&mut self.completions) {
+            // Nothing is known to have gone out: undo every probe of the batch.
+            tracing::error!("io_uring submission failed: {err}");
+            self.completions = (0..self.inflight.len() as u64)
+                .map(|tag| Completion {
+                    tag,
+                    result: -libc::EAGAIN,
+                })
+                .collect();
+        }
+        let completions = std::mem::take(&mut self.completions);
+        for done in &completions {
+            self.complete(done, now);
+        }
+        self.completions = completions;
+        for inflight in std::mem::take(&mut self.inflight) {
+            if let Some(slot) = self.shared.slots.slot_at(inflight.local) {
+                self.release(slot);
+            }
+        }
+    }
+
+    fn complete(&mut self, done: &Completion, now: u64) {
+        let Some(inflight) = self.inflight.get(done.tag as usize) else {
+            return;
+        };
+        let local = inflight.local as usize;
+        let (undo, _) = inflight.undo;
+        let len = inflight.len;
+        let policy = self.policies[self.conns[local].policy as usize];
+        match done.result {
+            n if n >= 0 && n as u32 >= len => {
+                self.conns[local].resume = 0;
+                // A finished rest completes a probe that was counted as not sent.
+                if undo.resume == 0 {
+                    self.count_sent(local);
+                }
+            }
+            n if n > 0 => {
+                // Short write: the send buffer is not empty, so the connection is not idle.
+                // The rest goes out at the next tick; the probe does not count.
+                let written = self.conns[local].resume as u32 + n as u32;
+                self.restore(local, undo);
+                self.conns[local].resume = written.min(u32::from(u8::MAX)) as u8;
+                self.shared
+                    .counters
+                    .probes_deferred
+                    .fetch_add(1, Ordering::Relaxed);
+                self.rearm(local, now + self.config.tick_ns);
+            }
+            e if e == -libc::EAGAIN || e == -libc::EWOULDBLOCK || e == 0 => {
+                // A full send buffer: not idle. Try again an interval later, uncounted.
+                self.restore(local, undo);
+                self.shared
+                    .counters
+                    .probes_deferred
+                    .fetch_add(1, Ordering::Relaxed);
+                self.rearm(local, now + policy.interval_ns);
+            }
+            e if [
+                libc::EPIPE,
+                libc::ECONNRESET,
+                libc::ENOTCONN,
+                libc::EBADF,
+                libc::ETIMEDOUT,
+                libc::EHOSTUNREACH,
+                libc::ENETUNREACH,
+            ]
+            .contains(&-e) =>
+            {
+                if let Some(slot) = self.shared.slots.slot_at(local as u32) {
+                    self.close(local, ConnId::from_slot(slot), CloseReason::SendFailed(-e));
+                }
+            }
+            e => {
+                tracing::debug!(
+                    "probe send failed: {}",
+                    std::io::Error::from_raw_os_error(-e)
+                );
+                self.restore(local, undo);
+                self.rearm(local, now + policy.interval_ns);
+            }
+        }
+    }
+
+    /// Puts a connection back as it was before a probe that did not go out.
+    fn restore(&mut self, local: usize, undo: ConnState) {
+        let c = &mut self.conns[local];
+        let from = c.phase();
+        let timer = c.timer;
+        let resume = c.resume;
+        *c = undo;
+        c.timer = timer;
+        c.resume = resume;
+        self.gauge(from, undo.phase());
+    }
+
+    fn housekeeping(&mut self, now: u64) {
+        self.next_housekeeping_ns = now + HOUSEKEEPING_NS;
+        if self.source_failed {
+            return;
+        }
+        if let Err(err) = self.source.check() {
+            self.source_failed = true;
+            tracing::warn!(
+                "{err}; switching this engine to the TCP_INFO activity source (no connection is \
+                 dropped)"
+            );
+            let fallback: Arc<dyn ActivitySource> = Arc::new(TcpInfoSource);
+            self.shared.set_source(fallback.clone());
+            self.resolution_ns = fallback.resolution_ns();
+            self.source = fallback;
+        }
+    }
+}
+
+/// Marks a free connection record.
+const FREE_FD: RawFd = -2;
+/// The fd of a simulated connection: probes go to a no-op instead of a socket.
+pub(crate) const VIRTUAL_FD: RawFd = -1;
+
+fn borrow<'a>(fd: RawFd) -> Option<BorrowedFd<'a>> {
+    // SAFETY: only called for the fd of a slot this thread holds `Busy`, which its handle
+    // keeps open until the slot is released (see the ground rules in `shared`).
+    (fd >= 0).then(|| unsafe { BorrowedFd::borrow_raw(fd) })
+}
+
+fn shutdown(fd: BorrowedFd<'_>) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain syscall on a socket the caller holds.
+    unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+}
+
+/// Aborts the connection with a RST while leaving the fd open for its owner: `SO_LINGER` 0,
+/// then `connect(AF_UNSPEC)`, which is `tcp_disconnect()` and sends the RST at once.
+fn reset(fd: BorrowedFd<'_>) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid option pointers of the declared size, on a socket the caller holds.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        );
+        let unspec = libc::sockaddr {
+            sa_family: libc::AF_UNSPEC as libc::sa_family_t,
+            sa_data: [0; 14],
+        };
+        libc::connect(
+            fd.as_raw_fd(),
+            &raw const unspec,
+            size_of::<libc::sockaddr>() as libc::socklen_t,
+        );
+    }
+}

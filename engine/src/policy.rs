@@ -1,0 +1,355 @@
+//! [`Policy`]: when a connection counts as idle, how it is probed, and what happens to it.
+
+use std::time::Duration;
+
+use crate::probe::Payload;
+
+/// The most probes in one round. Kernel keepalive allows 127; a round of more than a few
+/// dozen probes is a misconfiguration, and the bound keeps per-connection state small.
+pub const MAX_COUNT: u32 = 31;
+
+/// What the engine is watching for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Probe connections that were silent for `idle`; report [`Event::Dead`](crate::Event)
+    /// when none of `count` probes, `interval` apart, is answered.
+    DetectDead,
+    /// WireGuard-style persistent keepalive: send a probe whenever nothing was *sent* for
+    /// `interval`, so NAT and firewall state stays warm. Never reports dead.
+    KeepWarm,
+}
+
+/// Which traffic counts as activity in [`Mode::DetectDead`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ActivityMode {
+    /// Only payload *received* proves the peer alive. The default: a connection that only
+    /// sends can have a dead peer.
+    RxOnly,
+    /// Payload in either direction postpones probing.
+    RxOrTx,
+}
+
+/// What to do with a connection found dead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OnDead {
+    /// Only report it; the application decides.
+    Report,
+    /// `shutdown(SHUT_RDWR)`: the application's next read sees EOF.
+    Shutdown,
+    /// Abort with a RST (`SO_LINGER` 0, then disconnect): the application's next read fails
+    /// and the peer, if it ever comes back, is told at once.
+    Reset,
+}
+
+/// How a connection is probed.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Probe {
+    /// The engine writes these bytes, batched through io_uring. Any payload received after a
+    /// probe answers it.
+    Bytes(Payload),
+    /// The engine sets `SO_KEEPALIVE`, `TCP_KEEPIDLE`, `TCP_KEEPINTVL`, `TCP_KEEPCNT` and
+    /// `TCP_USER_TIMEOUT` on the socket and reports the kernel's verdict.
+    Kernel,
+    /// The engine emits [`Event::ProbeDue`](crate::Event) and the application sends its own
+    /// ping (an HTTP/2 PING through h2, a protocol-level heartbeat, ...).
+    Callback,
+}
+
+/// Why a policy is invalid. Each variant names the field at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    /// `idle` is zero.
+    #[error("idle must be greater than zero")]
+    ZeroIdle,
+    /// `interval` is zero.
+    #[error("interval must be greater than zero")]
+    ZeroInterval,
+    /// `count` is zero or above [`MAX_COUNT`].
+    #[error("count must be between 1 and {MAX_COUNT}, not {0}")]
+    Count(u32),
+    /// `jitter` is not a fraction in `0.0..=0.5`.
+    #[error("jitter must be between 0.0 and 0.5, not {0}")]
+    Jitter(String),
+    /// In keep-warm mode the probe interval is the idle threshold; a larger one cannot be
+    /// honoured.
+    #[error("interval ({interval:?}) must not exceed idle ({idle:?}) in keep-warm mode")]
+    IntervalExceedsIdle {
+        /// The interval.
+        interval: Duration,
+        /// The idle threshold.
+        idle: Duration,
+    },
+    /// `min_probe_spacing` is larger than `interval`, so probes could never go out on time.
+    #[error("min_probe_spacing ({spacing:?}) must not exceed interval ({interval:?})")]
+    SpacingExceedsInterval {
+        /// The spacing.
+        spacing: Duration,
+        /// The interval.
+        interval: Duration,
+    },
+    /// Kernel probes count in whole seconds.
+    #[error("kernel probes need idle and interval of at least 1 s (got {idle:?}, {interval:?})")]
+    KernelGranularity {
+        /// The idle threshold.
+        idle: Duration,
+        /// The interval.
+        interval: Duration,
+    },
+    /// Kernel probes cannot keep a connection warm: they only go out after `idle`.
+    #[error("kernel probes only support detect-dead mode")]
+    KernelKeepWarm,
+    /// A duration does not fit the engine's clock (over ~500 years).
+    #[error("{field} is too large")]
+    TooLarge {
+        /// The field.
+        field: &'static str,
+    },
+}
+
+/// How one connection is kept alive. Cheap to clone; engines store each distinct policy once.
+///
+/// The defaults follow the kernel's keepalive shape with saner numbers: probe after 30 s of
+/// silence, then every 5 s, dead after 3 unanswered probes, 10% jitter.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Policy {
+    /// Silence after which a connection is probed.
+    pub idle: Duration,
+    /// Time between probes, and the time a probe has to be answered.
+    pub interval: Duration,
+    /// Unanswered probes after which the peer is dead.
+    pub count: u32,
+    /// Fraction of `idle` (0.0 to 0.5) by which each arm is brought forward at random, so that
+    /// connections registered together do not probe together.
+    pub jitter: f64,
+    /// Dead-peer detection or keep-warm.
+    pub mode: Mode,
+    /// Which traffic counts as activity.
+    pub activity: ActivityMode,
+    /// What to do with a dead connection.
+    pub on_dead: OnDead,
+    /// How to probe.
+    pub probe: Probe,
+    /// Probes on one connection are never closer together than this, whatever else the policy
+    /// says. Keeps lull under limits such as gRPC's `too_many_pings`.
+    pub min_probe_spacing: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            idle: Duration::from_secs(30),
+            interval: Duration::from_secs(5),
+            count: 3,
+            jitter: 0.1,
+            mode: Mode::DetectDead,
+            activity: ActivityMode::RxOnly,
+            on_dead: OnDead::Report,
+            probe: Probe::Bytes(Payload::redis_ping()),
+            min_probe_spacing: Duration::ZERO,
+        }
+    }
+}
+
+impl Policy {
+    /// Dead-peer detection with the given timings and the default everything else.
+    pub fn detect_dead(idle: Duration, interval: Duration, count: u32) -> Self {
+        Self {
+            idle,
+            interval,
+            count,
+            ..Self::default()
+        }
+    }
+
+    /// Keep-warm: one probe whenever nothing was sent for `interval`.
+    pub fn keep_warm(interval: Duration) -> Self {
+        Self {
+            idle: interval,
+            interval,
+            mode: Mode::KeepWarm,
+            ..Self::default()
+        }
+    }
+
+    /// Sets the probe.
+    pub fn with_probe(mut self, probe: Probe) -> Self {
+        self.probe = probe;
+        self
+    }
+
+    /// Sets what happens on death.
+    pub fn with_on_dead(mut self, on_dead: OnDead) -> Self {
+        self.on_dead = on_dead;
+        self
+    }
+
+    /// Sets the jitter fraction.
+    pub fn with_jitter(mut self, jitter: f64) -> Self {
+        self.jitter = jitter;
+        self
+    }
+
+    /// Sets which traffic counts as activity.
+    pub fn with_activity(mut self, activity: ActivityMode) -> Self {
+        self.activity = activity;
+        self
+    }
+
+    /// Sets the minimum spacing between two probes on one connection.
+    pub fn with_min_probe_spacing(mut self, spacing: Duration) -> Self {
+        self.min_probe_spacing = spacing;
+        self
+    }
+
+    /// Checks the policy. The engine refuses invalid policies with this error.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        if self.idle.is_zero() {
+            return Err(PolicyError::ZeroIdle);
+        }
+        if self.interval.is_zero() {
+            return Err(PolicyError::ZeroInterval);
+        }
+        if self.count == 0 || self.count > MAX_COUNT {
+            return Err(PolicyError::Count(self.count));
+        }
+        if !(0.0..=0.5).contains(&self.jitter) {
+            return Err(PolicyError::Jitter(self.jitter.to_string()));
+        }
+        const LIMIT: Duration = Duration::from_secs(1 << 34);
+        for (field, d) in [
+            ("idle", self.idle),
+            ("interval", self.interval),
+            ("min_probe_spacing", self.min_probe_spacing),
+        ] {
+            if d > LIMIT {
+                return Err(PolicyError::TooLarge { field });
+            }
+        }
+        if self.mode == Mode::KeepWarm && self.interval > self.idle {
+            return Err(PolicyError::IntervalExceedsIdle {
+                interval: self.interval,
+                idle: self.idle,
+            });
+        }
+        if self.min_probe_spacing > self.interval {
+            return Err(PolicyError::SpacingExceedsInterval {
+                spacing: self.min_probe_spacing,
+                interval: self.interval,
+            });
+        }
+        if self.probe == Probe::Kernel {
+            if self.mode == Mode::KeepWarm {
+                return Err(PolicyError::KernelKeepWarm);
+            }
+            if self.idle < Duration::from_secs(1) || self.interval < Duration::from_secs(1) {
+                return Err(PolicyError::KernelGranularity {
+                    idle: self.idle,
+                    interval: self.interval,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The longest a dead peer can go unreported: `idle + count * interval`.
+    pub fn detection_bound(&self) -> Duration {
+        self.idle + self.interval * self.count
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(secs: u64) -> Duration {
+        Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let base = Policy::default;
+        let cases: Vec<(Policy, Result<(), PolicyError>)> = vec![
+            (base(), Ok(())),
+            (
+                Policy {
+                    idle: s(0),
+                    ..base()
+                },
+                Err(PolicyError::ZeroIdle),
+            ),
+            (
+                Policy {
+                    interval: s(0),
+                    ..base()
+                },
+                Err(PolicyError::ZeroInterval),
+            ),
+            (Policy { count: 0, ..base() }, Err(PolicyError::Count(0))),
+            (
+                Policy {
+                    count: 32,
+                    ..base()
+                },
+                Err(PolicyError::Count(32)),
+            ),
+            (
+                Policy {
+                    jitter: 0.6,
+                    ..base()
+                },
+                Err(PolicyError::Jitter("0.6".into())),
+            ),
+            (
+                Policy {
+                    jitter: f64::NAN,
+                    ..base()
+                },
+                Err(PolicyError::Jitter("NaN".into())),
+            ),
+            (
+                Policy {
+                    interval: s(60),
+                    ..Policy::keep_warm(s(25))
+                },
+                Err(PolicyError::IntervalExceedsIdle {
+                    interval: s(60),
+                    idle: s(25),
+                }),
+            ),
+            (Policy::keep_warm(s(25)), Ok(())),
+            (
+                base().with_min_probe_spacing(s(6)),
+                Err(PolicyError::SpacingExceedsInterval {
+                    spacing: s(6),
+                    interval: s(5),
+                }),
+            ),
+            (
+                Policy::detect_dead(Duration::from_millis(500), s(1), 3).with_probe(Probe::Kernel),
+                Err(PolicyError::KernelGranularity {
+                    idle: Duration::from_millis(500),
+                    interval: s(1),
+                }),
+            ),
+            (
+                Policy::keep_warm(s(25)).with_probe(Probe::Kernel),
+                Err(PolicyError::KernelKeepWarm),
+            ),
+            (
+                Policy {
+                    idle: Duration::MAX,
+                    ..base()
+                },
+                Err(PolicyError::TooLarge { field: "idle" }),
+            ),
+        ];
+        for (policy, want) in cases {
+            assert_eq!(policy.validate(), want, "{policy:?}");
+        }
+    }
+
+    #[test]
+    fn detection_bound_is_idle_plus_count_intervals() {
+        assert_eq!(Policy::detect_dead(s(30), s(5), 3).detection_bound(), s(45));
+    }
+}

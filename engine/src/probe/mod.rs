@@ -1,0 +1,6 @@
+//! Probes: what the engine sends to an idle connection, and how it sends it.
+
+mod payload;
+pub(crate) mod ring;
+
+pub use payload::{MAX_PAYLOAD, Payload, PayloadError};

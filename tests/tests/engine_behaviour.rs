@@ -1,0 +1,329 @@
+//! The engine on real loopback sockets, against both activity sources (issue: engine core).
+//!
+//! Every scenario runs once on the eBPF table and once on the TCP_INFO fallback, with 2,000
+//! connections, and checks exact outcomes: which connections were probed, when, and what was
+//! reported.
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use lull::{CloseReason, ConnId, Engine, Event, Payload, Policy, Probe, Watched};
+use lull_tests::{
+    Source, engine,
+    peers::{Behaviour, PeerServer},
+    percentile, serial,
+};
+
+const N: usize = 2_000;
+const IDLE: Duration = Duration::from_millis(300);
+const INTERVAL: Duration = Duration::from_millis(100);
+const COUNT: u32 = 3;
+const TICK: Duration = Duration::from_millis(1);
+/// Scheduling noise allowed on this 2-core machine on top of one tick.
+const SLACK: Duration = Duration::from_millis(25);
+
+fn policy() -> Policy {
+    Policy::detect_dead(IDLE, INTERVAL, COUNT).with_probe(Probe::Bytes(Payload::redis_ping()))
+}
+
+fn builder() -> lull::EngineBuilder {
+    Engine::builder().capacity(4 * N as u32).tick(TICK)
+}
+
+/// Opens `n` connections to `peer` and watches each as soon as it is open; returns handles
+/// with their client port and the time watched.
+fn watch_all(
+    engine: &Engine,
+    peer: &PeerServer,
+    n: usize,
+    policy: &Policy,
+) -> Vec<(Watched<std::net::TcpStream>, u16, Instant)> {
+    (0..n)
+        .map(|_| {
+            let (s, port) = peer.connect_one();
+            (
+                engine.watch(s, policy).expect("watch"),
+                port,
+                Instant::now(),
+            )
+        })
+        .collect()
+}
+
+/// Collects events until `done` says so or `timeout` passes.
+fn collect(
+    engine: &Engine,
+    timeout: Duration,
+    mut done: impl FnMut(&[(Instant, Event)]) -> bool,
+) -> Vec<(Instant, Event)> {
+    let deadline = Instant::now() + timeout;
+    let mut events = Vec::new();
+    while !done(&events) {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        if let Ok(e) = engine.events().recv_timeout(deadline - now) {
+            events.push((Instant::now(), e));
+        }
+    }
+    events
+}
+
+macro_rules! both_sources {
+    ($scenario:ident) => {
+        mod $scenario {
+            #[test]
+            fn ebpf() {
+                super::$scenario(lull_tests::Source::Ebpf);
+            }
+            #[test]
+            fn tcp_info() {
+                super::$scenario(lull_tests::Source::TcpInfo);
+            }
+        }
+    };
+}
+
+both_sources!(busy_connections_receive_zero_probes);
+fn busy_connections_receive_zero_probes(source: Source) {
+    let _serial = serial();
+    let name = "busy_connections_receive_zero_probes";
+    let Some(engine) = engine(name, source, builder()) else {
+        return;
+    };
+    let peer = PeerServer::start(Behaviour::Busy { every: IDLE / 4 });
+    let watched = watch_all(&engine, &peer, N, &policy());
+    std::thread::sleep(IDLE * 4);
+    let stats = engine.stats();
+    let probed: u32 = watched.iter().map(|(w, ..)| w.stats().probes_sent).sum();
+    assert_eq!(probed, 0, "busy connections were probed ({source:?})");
+    assert_eq!(stats.probes_sent, 0);
+    assert!(
+        stats.wakeups_rearmed >= N as u64,
+        "timers must have fired and found traffic: {stats:?}"
+    );
+    let events: Vec<_> = engine.events().try_iter().collect();
+    assert!(
+        events.is_empty(),
+        "busy connections produced events: {:?}",
+        &events[..events.len().min(5)]
+    );
+    assert_eq!(stats.watched, N as u64);
+}
+
+both_sources!(idle_answering_peers_are_probed_every_idle_and_never_dead);
+fn idle_answering_peers_are_probed_every_idle_and_never_dead(source: Source) {
+    let _serial = serial();
+    let name = "idle_answering_peers_are_probed_every_idle_and_never_dead";
+    let Some(engine) = engine(name, source, builder()) else {
+        return;
+    };
+    let peer = PeerServer::start(Behaviour::Answer(b"+PONG\r\n"));
+    let policy = policy();
+    let watched = watch_all(&engine, &peer, N, &policy);
+    std::thread::sleep(IDLE * 3 + IDLE / 3);
+
+    let jitter = IDLE.mul_f64(policy.jitter);
+    // A period starts at the answer as the source stamped it, so a coarse source (TCP_INFO:
+    // milliseconds and jiffies) may start it a little early.
+    let resolution = Duration::from_nanos(engine.source().resolution_ns());
+    let (low, high) = (IDLE - jitter - TICK - resolution, IDLE + TICK + SLACK);
+    let mut gaps = Vec::new();
+    let mut bad = Vec::new();
+    for (w, port, watched_at) in &watched {
+        let log = peer.log(*port).expect("the peer saw every connection");
+        let times: Vec<Instant> = log.reads.iter().map(|(t, _)| *t).collect();
+        assert!(
+            times.len() >= 3,
+            "port {port}: {} probes in 3.3 idle periods",
+            times.len()
+        );
+        let mut previous = *watched_at;
+        for t in &times {
+            let gap = t.duration_since(previous);
+            // After the first probe the period starts at the answer (one loopback RTT later).
+            if gap < low || gap > high + Duration::from_millis(2) {
+                bad.push((port, gap));
+            }
+            gaps.push(gap);
+            previous = *t;
+        }
+        let s = w.stats();
+        assert!(
+            s.probes_sent >= 3 && s.probes_answered + 1 >= s.probes_sent,
+            "{port}: {s:?}"
+        );
+    }
+    gaps.sort();
+    eprintln!(
+        "{source:?}: probe period p1 {:?} p50 {:?} p99 {:?} max {:?} (window {low:?}..{high:?})",
+        percentile(&gaps, 1.0),
+        percentile(&gaps, 50.0),
+        percentile(&gaps, 99.0),
+        gaps.last().unwrap()
+    );
+    assert!(
+        bad.is_empty(),
+        "{} of {} probe periods outside {low:?}..{high:?}: {:?}",
+        bad.len(),
+        gaps.len(),
+        &bad[..bad.len().min(10)]
+    );
+    let dead: Vec<_> = engine
+        .events()
+        .try_iter()
+        .filter(|e| matches!(e, Event::Dead { .. }))
+        .collect();
+    assert!(dead.is_empty(), "answering peers reported dead: {dead:?}");
+}
+
+both_sources!(silent_peers_are_dead_within_the_bound);
+fn silent_peers_are_dead_within_the_bound(source: Source) {
+    let _serial = serial();
+    let name = "silent_peers_are_dead_within_the_bound";
+    let Some(engine) = engine(name, source, builder()) else {
+        return;
+    };
+    let peer = PeerServer::start(Behaviour::Silent);
+    let policy = policy();
+    let watched = watch_all(&engine, &peer, N, &policy);
+    let since: HashMap<ConnId, Instant> = watched.iter().map(|(w, _, t)| (w.id(), *t)).collect();
+    let bound = policy.detection_bound();
+    let events = collect(&engine, bound * 3, |events| events.len() >= N);
+
+    let mut latencies = Vec::new();
+    for (at, event) in &events {
+        match event {
+            Event::Dead { id, probes, .. } => {
+                assert_eq!(*probes, COUNT, "dead after {probes} probes");
+                latencies.push(at.duration_since(since[id]));
+            }
+            other => panic!("unexpected event for a silent peer: {other:?}"),
+        }
+    }
+    assert_eq!(
+        latencies.len(),
+        N,
+        "every silent peer is reported dead exactly once"
+    );
+    latencies.sort();
+    let (p50, p99, max) = (
+        percentile(&latencies, 50.0),
+        percentile(&latencies, 99.0),
+        *latencies.last().unwrap(),
+    );
+    eprintln!(
+        "{source:?}: detection latency (bound {bound:?}): p50 {p50:?} p99 {p99:?} max {max:?}"
+    );
+    assert!(
+        max <= bound + Duration::from_millis(50),
+        "{source:?}: slowest detection {max:?} > {bound:?} + 50 ms"
+    );
+    let earliest = bound - IDLE.mul_f64(policy.jitter) - TICK;
+    assert!(
+        latencies[0] >= earliest,
+        "{source:?}: detected after {:?}, before the policy allows",
+        latencies[0]
+    );
+    for (w, ..) in &watched {
+        assert_eq!(w.stats().probes_sent, COUNT);
+        assert_eq!(w.stats().probes_answered, 0);
+    }
+    assert_eq!(peer.total_bytes(), 0, "the silent peer never reads");
+}
+
+both_sources!(closing_peers_yield_closed_not_dead);
+fn closing_peers_yield_closed_not_dead(source: Source) {
+    let _serial = serial();
+    let name = "closing_peers_yield_closed_not_dead";
+    let Some(engine) = engine(name, source, builder()) else {
+        return;
+    };
+    let fin = PeerServer::start(Behaviour::Close {
+        after: Duration::from_millis(50),
+        reset: false,
+    });
+    let rst = PeerServer::start(Behaviour::Close {
+        after: Duration::from_millis(50),
+        reset: true,
+    });
+    let policy = policy();
+    let fin_watched = watch_all(&engine, &fin, N / 2, &policy);
+    let rst_watched = watch_all(&engine, &rst, N / 2, &policy);
+    let events = collect(&engine, policy.detection_bound() * 2, |events| {
+        events.len() >= N
+    });
+    let mut reasons: HashMap<ConnId, CloseReason> = HashMap::new();
+    for (_, event) in &events {
+        match event {
+            Event::Closed { id, reason } => {
+                assert!(reasons.insert(*id, *reason).is_none(), "closed twice")
+            }
+            other => panic!("a closing peer must yield Closed, got {other:?}"),
+        }
+    }
+    for (w, ..) in &fin_watched {
+        assert_eq!(
+            reasons.get(&w.id()),
+            Some(&CloseReason::PeerFin),
+            "{source:?}"
+        );
+    }
+    for (w, ..) in &rst_watched {
+        let reason = reasons.get(&w.id());
+        // TCP_INFO cannot tell a reset from any other close.
+        let ok = match source {
+            Source::Ebpf => reason == Some(&CloseReason::PeerReset),
+            Source::TcpInfo => matches!(reason, Some(CloseReason::PeerReset | CloseReason::Closed)),
+        };
+        assert!(ok, "{source:?}: reset peer gave {reason:?}");
+    }
+    assert_eq!(engine.stats().dead, 0);
+}
+
+both_sources!(keep_warm_sends_one_probe_per_interval_of_tx_silence);
+fn keep_warm_sends_one_probe_per_interval_of_tx_silence(source: Source) {
+    let _serial = serial();
+    let name = "keep_warm_sends_one_probe_per_interval_of_tx_silence";
+    let Some(engine) = engine(name, source, builder()) else {
+        return;
+    };
+    let interval = Duration::from_millis(100);
+    let policy = Policy::keep_warm(interval).with_probe(Probe::Bytes(Payload::mqtt_pingreq()));
+    // The peer reads and never answers: keep-warm must not care.
+    let peer = PeerServer::start(Behaviour::Count);
+    let watched = watch_all(&engine, &peer, N, &policy);
+    let run = interval * 10 + interval / 2;
+    std::thread::sleep(run);
+    let mut counts = Vec::new();
+    let jitter = interval.mul_f64(policy.jitter);
+    let (low, high) = (interval - jitter - TICK, interval + TICK + SLACK);
+    let mut bad_gaps = 0;
+    for (_, port, _) in &watched {
+        let log = peer.log(*port).expect("the peer saw every connection");
+        let probes = log.bytes() / 2;
+        counts.push(probes);
+        for pair in log.reads.windows(2) {
+            let gap = pair[1].0.duration_since(pair[0].0);
+            if gap < low || gap > high {
+                bad_gaps += 1;
+            }
+        }
+    }
+    let (min, max) = (*counts.iter().min().unwrap(), *counts.iter().max().unwrap());
+    eprintln!(
+        "{source:?}: keep-warm probes per connection in {run:?}: {min}..={max}; gaps outside {low:?}..{high:?}: {bad_gaps}"
+    );
+    assert!(
+        min >= 10 && max <= 12,
+        "{source:?}: expected 10-12 probes each (one per interval, jitter up to 10%), got {min}..={max}"
+    );
+    assert_eq!(
+        bad_gaps, 0,
+        "{source:?}: keep-warm probe gaps outside the window"
+    );
+    assert_eq!(engine.stats().dead, 0, "keep-warm never reports dead");
+}
