@@ -114,6 +114,24 @@ pub fn engine(test: &str, source: Source, builder: EngineBuilder) -> Option<Engi
     }
 }
 
+/// Instantiates a scenario `fn name(source: Source)` as two tests, `name::ebpf` and
+/// `name::tcp_info`: both activity sources must pass the same behavioural suite.
+#[macro_export]
+macro_rules! both_sources {
+    ($scenario:ident) => {
+        mod $scenario {
+            #[test]
+            fn ebpf() {
+                super::$scenario($crate::Source::Ebpf);
+            }
+            #[test]
+            fn tcp_info() {
+                super::$scenario($crate::Source::TcpInfo);
+            }
+        }
+    };
+}
+
 /// Percentile (0..=100) of sorted durations.
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {

@@ -67,8 +67,7 @@ pub struct PeerServer {
 impl PeerServer {
     /// Starts a server on `127.0.0.1:0` treating every connection with `behaviour`.
     pub fn start(behaviour: Behaviour) -> Self {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback peer");
-        Self::start_on(listener, behaviour)
+        Self::start_on(listener(([127, 0, 0, 1], 0).into()), behaviour)
     }
 
     /// Starts a server on a listener the caller bound (e.g. inside a network namespace).
@@ -236,6 +235,22 @@ async fn handle(stream: tokio_uring::net::TcpStream, port: u16, behaviour: Behav
             std::future::pending::<()>().await
         }
     }
+}
+
+/// A listener with a deep accept queue: std's default backlog of 128 overflows when a test
+/// opens thousands of connections while the peer is busy, and an overflow costs a 1 s SYN
+/// retransmission.
+pub fn listener(addr: SocketAddr) -> std::net::TcpListener {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .expect("socket");
+    socket.set_reuse_address(true).expect("SO_REUSEADDR");
+    socket.bind(&addr.into()).expect("bind a peer listener");
+    socket.listen(4096).expect("listen");
+    socket.into()
 }
 
 /// `SO_LINGER` {on, 0}: the next close sends a RST.

@@ -5,6 +5,9 @@
 //! README's two commands are all an operator or CI has to type.
 
 mod build_ebpf;
+mod packages;
+mod run;
+mod test;
 mod toolchain;
 
 use clap::{Parser, Subcommand};
@@ -19,12 +22,16 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     BuildEbpf(build_ebpf::Options),
+    Run(run::Options),
+    Test(test::Options),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::BuildEbpf(opts) => build_ebpf::run(&opts).map(|_| ()),
+        Command::Run(opts) => run::run(&opts),
+        Command::Test(opts) => test::run(&opts),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

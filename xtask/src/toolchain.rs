@@ -204,3 +204,9 @@ pub fn which(name: &str) -> Result<PathBuf> {
     }
     bail!("`{name}` not found on PATH")
 }
+
+/// Whether xtask runs as root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}

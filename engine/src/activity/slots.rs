@@ -16,7 +16,7 @@
 use std::{
     io,
     sync::{
-        Mutex, PoisonError,
+        Condvar, Mutex, PoisonError,
         atomic::{AtomicU32, Ordering},
     },
 };
@@ -65,6 +65,8 @@ struct Lists {
     next_fresh: u32,
     free: Vec<u32>,
     pending: Vec<u32>,
+    /// Slots taken out of `pending` by a thread that is waiting out their grace period.
+    in_grace: u32,
 }
 
 /// Allocates slot indices in `base..base + capacity`.
@@ -73,6 +75,8 @@ pub(crate) struct SlotAllocator {
     capacity: u32,
     grace: Grace,
     lists: Mutex<Lists>,
+    /// Signalled when a grace period ends and its slots become free.
+    graced: Condvar,
     words: Box<[AtomicU32]>,
 }
 
@@ -86,7 +90,9 @@ impl SlotAllocator {
                 next_fresh: 0,
                 free: Vec::new(),
                 pending: Vec::new(),
+                in_grace: 0,
             }),
+            graced: Condvar::new(),
             words: zeroed_words(capacity as usize),
         }
     }
@@ -97,29 +103,43 @@ impl SlotAllocator {
 
     /// Takes a slot, or `None` when every slot is in use.
     pub(crate) fn alloc(&self) -> io::Result<Option<Slot>> {
+        let mut lists = self.lock();
         loop {
-            let pending = {
-                let mut lists = self.lock();
-                let local = if let Some(local) = lists.free.pop() {
-                    Some(local)
-                } else if lists.next_fresh < self.capacity {
-                    lists.next_fresh += 1;
-                    Some(lists.next_fresh - 1)
-                } else {
-                    None
-                };
-                if let Some(local) = local {
-                    return Ok(Some(self.claim(local)));
-                }
-                if lists.pending.is_empty() {
+            let local = if let Some(local) = lists.free.pop() {
+                Some(local)
+            } else if lists.next_fresh < self.capacity {
+                lists.next_fresh += 1;
+                Some(lists.next_fresh - 1)
+            } else {
+                None
+            };
+            if let Some(local) = local {
+                return Ok(Some(self.claim(local)));
+            }
+            if lists.pending.is_empty() {
+                if lists.in_grace == 0 {
                     return Ok(None);
                 }
-                std::mem::take(&mut lists.pending)
-            };
-            if self.grace == Grace::Rcu {
-                rcu_barrier()?;
+                // Another thread is waiting out a grace period for slots that will be free in
+                // a moment: wait for it rather than report the table full.
+                lists = self
+                    .graced
+                    .wait(lists)
+                    .unwrap_or_else(PoisonError::into_inner);
+                continue;
             }
-            self.lock().free.extend(pending);
+            let pending = std::mem::take(&mut lists.pending);
+            lists.in_grace += pending.len() as u32;
+            drop(lists);
+            let barrier = match self.grace {
+                Grace::Rcu => rcu_barrier(),
+                Grace::None => Ok(()),
+            };
+            lists = self.lock();
+            lists.in_grace -= pending.len() as u32;
+            lists.free.extend(pending);
+            self.graced.notify_all();
+            barrier?;
         }
     }
 
@@ -189,7 +209,7 @@ impl SlotAllocator {
     /// Slots handed out and not yet freed (pending ones count as freed).
     pub(crate) fn in_use(&self) -> u32 {
         let lists = self.lock();
-        lists.next_fresh - lists.free.len() as u32 - lists.pending.len() as u32
+        lists.next_fresh - lists.free.len() as u32 - lists.pending.len() as u32 - lists.in_grace
     }
 
     fn local(&self, slot: Slot) -> Option<u32> {
