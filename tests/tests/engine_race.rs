@@ -79,7 +79,11 @@ fn no_probe_reaches_a_reused_fd_after_drop(source: Source) {
                         // Live for 0-300 µs: drops land before, during and after the first
                         // probes; now and then long enough for several.
                         let r = next(&mut rng);
-                        let hold = if r.is_multiple_of(100) { 1_000 } else { r % 300 };
+                        let hold = if r.is_multiple_of(100) {
+                            1_000
+                        } else {
+                            r % 300
+                        };
                         let spin = Instant::now() + Duration::from_micros(hold);
                         while Instant::now() < spin {
                             std::thread::yield_now();

@@ -10,9 +10,15 @@ use lull_common::flags;
 use crate::activity::{Slot, SourceKind};
 
 /// A watched connection's identity, unique within its engine group for as long as it is
-/// watched (its slot and the slot's generation).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// watched (its slot and the slot's generation). Shown as `slot.generation`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId(u64);
+
+impl std::fmt::Debug for ConnId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ConnId({self})")
+    }
+}
 
 impl ConnId {
     pub(crate) fn from_slot(slot: Slot) -> Self {
