@@ -132,6 +132,10 @@ pub struct Policy {
     /// Probes on one connection are never closer together than this, whatever else the policy
     /// says. Keeps lull under limits such as gRPC's `too_many_pings`.
     pub min_probe_spacing: Duration,
+    /// Read and discard whatever the peer sent, each time the connection's timer fires. Only
+    /// for connections that nobody else reads (lull itself keeping a server's connections
+    /// open); an application that reads its own socket must leave this off.
+    pub drain: bool,
 }
 
 impl Default for Policy {
@@ -146,6 +150,7 @@ impl Default for Policy {
             on_dead: OnDead::Report,
             probe: Probe::Bytes(Payload::redis_ping()),
             min_probe_spacing: Duration::ZERO,
+            drain: false,
         }
     }
 }
@@ -198,6 +203,12 @@ impl Policy {
     /// Sets the minimum spacing between two probes on one connection.
     pub fn with_min_probe_spacing(mut self, spacing: Duration) -> Self {
         self.min_probe_spacing = spacing;
+        self
+    }
+
+    /// Sets whether the engine drains (reads and discards) what the peer sends.
+    pub fn with_drain(mut self, drain: bool) -> Self {
+        self.drain = drain;
         self
     }
 

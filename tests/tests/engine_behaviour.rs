@@ -322,3 +322,48 @@ fn keep_warm_sends_one_probe_per_interval_of_tx_silence(source: Source) {
     );
     assert_eq!(engine.stats().dead, 0, "keep-warm never reports dead");
 }
+
+/// Bytes waiting in a socket's receive queue (`FIONREAD`).
+fn unread(fd: i32) -> i32 {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int to a valid pointer.
+    let ret = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+    assert_eq!(ret, 0, "FIONREAD: {}", std::io::Error::last_os_error());
+    n
+}
+
+both_sources!(drain_discards_what_the_peer_sends);
+fn drain_discards_what_the_peer_sends(source: Source) {
+    use std::os::fd::AsRawFd;
+    let _serial = serial();
+    let name = "drain_discards_what_the_peer_sends";
+    let Some(engine) = engine(name, source, builder()) else {
+        return;
+    };
+    let peer = PeerServer::start(Behaviour::Answer(b"+PONG\r\n"));
+    let n = 200;
+    let drained = watch_all(&engine, &peer, n, &policy().with_drain(true));
+    let kept = watch_all(&engine, &peer, n, &policy());
+    std::thread::sleep(IDLE * 3);
+    let reply = 7;
+    for (w, ..) in &drained {
+        let s = w.stats();
+        assert!(
+            s.probes_sent >= 2 && s.probes_answered >= 1,
+            "{source:?}: {s:?}"
+        );
+        // Drained at every expiry; the answer to the latest probe may not be drained yet.
+        let left = unread(w.as_raw_fd());
+        assert!(
+            left <= reply,
+            "{source:?}: a drained socket kept {left} bytes of replies"
+        );
+    }
+    for (w, ..) in &kept {
+        let left = unread(w.as_raw_fd());
+        assert!(
+            left >= 2 * reply,
+            "{source:?}: an undrained socket must keep every reply, has {left}"
+        );
+    }
+}

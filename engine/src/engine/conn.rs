@@ -124,6 +124,7 @@ pub(crate) struct CompiledPolicy {
     pub(crate) on_dead: OnDead,
     pub(crate) probe: ProbeKind,
     pub(crate) min_spacing_ns: u64,
+    pub(crate) drain: bool,
 }
 
 impl CompiledPolicy {
@@ -144,6 +145,7 @@ impl CompiledPolicy {
                 Probe::Callback => ProbeKind::Callback,
             },
             min_spacing_ns: ns(policy.min_probe_spacing),
+            drain: policy.drain,
         }
     }
 

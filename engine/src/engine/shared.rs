@@ -72,6 +72,7 @@ struct PolicyKey {
     on_dead: OnDead,
     probe: Probe,
     spacing: Duration,
+    drain: bool,
 }
 
 impl PolicyKey {
@@ -86,6 +87,7 @@ impl PolicyKey {
             on_dead: p.on_dead,
             probe: p.probe.clone(),
             spacing: p.min_probe_spacing,
+            drain: p.drain,
         }
     }
 }

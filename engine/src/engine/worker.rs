@@ -31,13 +31,22 @@ const HOUSEKEEPING_NS: u64 = 1_000_000_000;
 /// Timer expiries handled per turn before commands get a look-in again.
 const MAX_FIRES_PER_TURN: u32 = 16_384;
 
-/// A probe in the current batch.
+/// A request in the current batch.
 struct Inflight {
     local: u32,
-    /// State before the probe was decided, restored if it does not go out.
-    undo: (ConnState, u64),
-    len: u32,
+    op: Op,
 }
+
+enum Op {
+    /// A probe of `len` bytes; `undo` is the state before it was decided, restored if it does
+    /// not go out.
+    Probe { undo: ConnState, len: u32 },
+    /// Reading (and discarding) whatever the peer sent.
+    Drain,
+}
+
+/// Bytes read per drain: a drained connection is read once per timer expiry.
+const DRAIN_BYTES: usize = 64 * 1024;
 
 pub(crate) struct WorkerConfig {
     pub(crate) tick_ns: u64,
@@ -56,7 +65,12 @@ pub(crate) struct Worker {
     payload_ids: HashMap<Box<[u8]>, u16>,
     ring: ProbeRing,
     inflight: Vec<Inflight>,
+    /// Slots held `Busy` until the current batch completes, each once.
+    held: Vec<u32>,
     completions: Vec<Completion>,
+    /// Where drained bytes go. Nothing ever reads it, so concurrent kernel writes into it are
+    /// harmless.
+    drain_buf: Box<[u8]>,
     config: WorkerConfig,
     start_ns: u64,
     rng: u64,
@@ -86,7 +100,9 @@ impl Worker {
             payload_ids: HashMap::new(),
             ring,
             inflight: Vec::new(),
+            held: Vec::new(),
             completions: Vec::new(),
+            drain_buf: vec![0; DRAIN_BYTES].into_boxed_slice(),
             config,
             start_ns,
             rng: start_ns | 1,
@@ -319,33 +335,52 @@ impl Worker {
         }
         self.shared.counters.wakeups.fetch_add(1, Ordering::Relaxed);
         let p = self.policies[c.policy as usize];
-        let fd = borrow(c.fd);
-
+        let mut queued = false;
         if c.resume != 0 {
             // The last probe went out short: finish it before anything else, or the stream
             // the peer parses is left with half a frame. It does not count as a probe.
             if let ProbeKind::Bytes(payload) = p.probe {
                 self.rearm(local, now + p.interval_ns);
-                if self.push_probe(local, c, payload, now) {
-                    return;
-                }
+                queued = self.push_probe(local, c, payload);
             }
         }
+        if !queued {
+            queued = self.evaluate(slot, local, c, &p, now);
+        }
+        if p.drain && c.fd >= 0 && self.conns[local].phase() != Phase::Inert {
+            queued |= self.push_drain(local, c.fd);
+        }
+        if queued {
+            // Released once the batch has completed, in `flush`.
+            self.held.push(local as u32);
+        } else {
+            self.release(slot);
+        }
+    }
 
+    /// Reads the connection's activity and acts on the verdict. Returns whether a request on
+    /// its fd was queued.
+    fn evaluate(
+        &mut self,
+        slot: Slot,
+        local: usize,
+        c: ConnState,
+        p: &CompiledPolicy,
+        now: u64,
+    ) -> bool {
+        let fd = borrow(c.fd);
         let activity = match self.source.read(slot, fd) {
             Ok(a) => a,
             Err(err) => {
                 tracing::debug!(conn = %ConnId::from_slot(slot), "reading activity: {err}");
                 self.rearm(local, now + p.interval_ns);
-                self.release(slot);
-                return;
+                return false;
             }
         };
-        let jitter = self.jitter(&p);
-        let before = c;
+        let jitter = self.jitter(p);
         let verdict = if c.phase() == Phase::Kernel {
             match fd.map(tcp_info) {
-                Some(Ok(info)) => decide_kernel(&mut self.conns[local], &p, &activity, &info, now),
+                Some(Ok(info)) => decide_kernel(&mut self.conns[local], p, &activity, &info, now),
                 _ => Verdict::Rearm {
                     at: now + p.interval_ns,
                 },
@@ -353,15 +388,15 @@ impl Worker {
         } else {
             decide(
                 &mut self.conns[local],
-                &p,
+                p,
                 &activity,
                 now,
                 self.resolution_ns,
                 jitter,
             )
         };
-        self.gauge(before.phase(), self.conns[local].phase());
-        self.apply(slot, local, before, &p, verdict, now);
+        self.gauge(c.phase(), self.conns[local].phase());
+        self.apply(slot, local, c, p, verdict, now)
     }
 
     fn apply(
@@ -372,7 +407,7 @@ impl Worker {
         p: &CompiledPolicy,
         verdict: Verdict,
         now: u64,
-    ) {
+    ) -> bool {
         let id = ConnId::from_slot(slot);
         let shared = self.shared.clone();
         let counters = &shared.counters;
@@ -387,9 +422,7 @@ impl Worker {
                 self.rearm(local, at);
                 match p.probe {
                     ProbeKind::Bytes(payload) => {
-                        if self.push_probe(local, before, payload, now) {
-                            return; // released after the batch completes
-                        }
+                        return self.push_probe(local, before, payload);
                     }
                     ProbeKind::Callback => {
                         self.emit(Event::ProbeDue { id });
@@ -435,7 +468,7 @@ impl Worker {
                 self.close(local, id, reason);
             }
         }
-        self.release(slot);
+        false
     }
 
     fn make_inert(&mut self, local: usize) {
@@ -489,7 +522,7 @@ impl Worker {
 
     /// Queues the probe (or its unsent rest) for `local`. Returns false if nothing was queued,
     /// in which case the caller still holds the slot and must release it.
-    fn push_probe(&mut self, local: usize, undo: ConnState, payload: u16, now: u64) -> bool {
+    fn push_probe(&mut self, local: usize, undo: ConnState, payload: u16) -> bool {
         let c = self.conns[local];
         let Some(bytes) = self.payloads.get(payload as usize) else {
             return false;
@@ -510,17 +543,37 @@ impl Worker {
         if queued {
             self.inflight.push(Inflight {
                 local: local as u32,
-                undo: (undo, now),
-                len: rest.len() as u32,
+                op: Op::Probe {
+                    undo,
+                    len: rest.len() as u32,
+                },
             });
             self.probes_this_tick.1 += 1;
         }
         queued
     }
 
+    /// Queues a read that discards what the peer sent (policies with `drain`).
+    fn push_drain(&mut self, local: usize, fd: RawFd) -> bool {
+        let tag = self.inflight.len() as u64;
+        // SAFETY: `drain_buf` lives as long as the worker and nothing reads it; the request
+        // completes within `flush`.
+        let queued = unsafe {
+            self.ring
+                .push_recv(fd, self.drain_buf.as_mut_ptr(), DRAIN_BYTES as u32, tag)
+        };
+        if queued {
+            self.inflight.push(Inflight {
+                local: local as u32,
+                op: Op::Drain,
+            });
+        }
+        queued
+    }
+
     /// Submits the batch, applies each result, and releases every slot in it.
     fn flush(&mut self, now: u64) {
-        if self.inflight.is_empty() {
+        if self.held.is_empty() {
             return;
         }
         self.completions.clear();
@@ -539,8 +592,9 @@ impl Worker {
             self.complete(done, now);
         }
         self.completions = completions;
-        for inflight in std::mem::take(&mut self.inflight) {
-            if let Some(slot) = self.shared.slots.slot_at(inflight.local) {
+        self.inflight.clear();
+        for local in std::mem::take(&mut self.held) {
+            if let Some(slot) = self.shared.slots.slot_at(local) {
                 self.release(slot);
             }
         }
@@ -551,8 +605,11 @@ impl Worker {
             return;
         };
         let local = inflight.local as usize;
-        let (undo, _) = inflight.undo;
-        let len = inflight.len;
+        let (undo, len) = match inflight.op {
+            Op::Probe { undo, len } => (undo, len),
+            // What was read does not matter; an error shows up again at the next probe.
+            Op::Drain => return,
+        };
         let policy = self.policies[self.conns[local].policy as usize];
         match done.result {
             n if n >= 0 && n as u32 >= len => {

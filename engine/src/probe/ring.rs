@@ -65,6 +65,20 @@ impl ProbeRing {
         self.push(&sqe)
     }
 
+    /// Queues a `RECV` of up to `len` bytes into `buf`, `MSG_DONTWAIT` for the same reason as
+    /// [`ProbeRing::push_send`]: it completes within `submit`, with `-EAGAIN` if nothing waits.
+    ///
+    /// # Safety
+    ///
+    /// `buf..buf + len` must stay valid for writes until [`ProbeRing::submit`] returns.
+    pub(crate) unsafe fn push_recv(&mut self, fd: RawFd, buf: *mut u8, len: u32, tag: u64) -> bool {
+        let sqe = opcode::Recv::new(types::Fd(fd), buf, len)
+            .flags(libc::MSG_DONTWAIT)
+            .build()
+            .user_data(tag);
+        self.push(&sqe)
+    }
+
     /// Queues a no-op that completes with 0; the simulated sink uses it so benchmarks pay for
     /// the same submission and completion path as real probes.
     pub(crate) fn push_nop(&mut self, tag: u64) -> bool {
