@@ -396,7 +396,7 @@ impl Worker {
             )
         };
         self.gauge(c.phase(), self.conns[local].phase());
-        self.apply(slot, local, c, p, verdict, now)
+        self.apply(slot, local, c, p, verdict)
     }
 
     fn apply(
@@ -406,7 +406,6 @@ impl Worker {
         before: ConnState,
         p: &CompiledPolicy,
         verdict: Verdict,
-        now: u64,
     ) -> bool {
         let id = ConnId::from_slot(slot);
         let shared = self.shared.clone();
