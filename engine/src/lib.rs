@@ -23,4 +23,4 @@ pub use engine::{
     Event, GroupBuilder, SourceChoice, VirtualConn, WatchError, Watched,
 };
 pub use policy::{ActivityMode, Mode, OnDead, Policy, PolicyError, Probe};
-pub use probe::Payload;
+pub use probe::{Payload, PayloadError};

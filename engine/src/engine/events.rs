@@ -176,6 +176,9 @@ pub struct EngineStats {
     pub probing: u64,
     /// Connections reported dead and still watched.
     pub dead_now: u64,
+    /// Connections closed (or dead and shut down by the policy) and still watched: the engine
+    /// does nothing more for them until their handles are dropped.
+    pub inert_now: u64,
     /// Probes sent.
     pub probes_sent: u64,
     /// Probes answered.
@@ -206,6 +209,7 @@ impl EngineStats {
         self.watched += other.watched;
         self.probing += other.probing;
         self.dead_now += other.dead_now;
+        self.inert_now += other.inert_now;
         self.probes_sent += other.probes_sent;
         self.probes_answered += other.probes_answered;
         self.probes_deferred += other.probes_deferred;
@@ -226,6 +230,7 @@ pub(crate) struct Counters {
     pub(crate) watched: AtomicU64,
     pub(crate) probing: AtomicU64,
     pub(crate) dead_now: AtomicU64,
+    pub(crate) inert_now: AtomicU64,
     pub(crate) probes_sent: AtomicU64,
     pub(crate) probes_answered: AtomicU64,
     pub(crate) probes_deferred: AtomicU64,
@@ -245,6 +250,7 @@ impl Counters {
             watched: get(&self.watched),
             probing: get(&self.probing),
             dead_now: get(&self.dead_now),
+            inert_now: get(&self.inert_now),
             probes_sent: get(&self.probes_sent),
             probes_answered: get(&self.probes_answered),
             probes_deferred: get(&self.probes_deferred),

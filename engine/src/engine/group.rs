@@ -3,6 +3,7 @@
 use std::{
     os::fd::AsFd,
     sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
 };
 
 use crate::{activity::SourceKind, policy::Policy};
@@ -127,6 +128,29 @@ impl EngineGroup {
             total.merge(&engine.stats());
         }
         total
+    }
+
+    /// CPU time used by all engine threads so far.
+    pub fn cpu_time(&self) -> Duration {
+        self.engines.iter().filter_map(Engine::cpu_time).sum()
+    }
+
+    /// User and system CPU time of all engine threads (see [`Engine::cpu_split`]).
+    pub fn cpu_split(&self) -> (Duration, Duration) {
+        self.engines
+            .iter()
+            .filter_map(Engine::cpu_split)
+            .fold((Duration::ZERO, Duration::ZERO), |a, b| {
+                (a.0 + b.0, a.1 + b.1)
+            })
+    }
+
+    /// Slots in use over all engines (see [`Engine::slots_in_use`]).
+    pub fn slots_in_use(&self) -> u64 {
+        self.engines
+            .iter()
+            .map(|e| u64::from(e.slots_in_use()))
+            .sum()
     }
 
     /// Per-engine statistics.

@@ -252,6 +252,7 @@ impl EngineBuilder {
             source: RwLock::new(source),
             policies: Mutex::new(PolicyRegistry::default()),
             slot_base,
+            thread_id: Default::default(),
         });
         let ring = ProbeRing::new(self.max_probes_per_tick).map_err(EngineError::Ring)?;
         let config = WorkerConfig {
@@ -408,6 +409,52 @@ impl Engine {
     /// The source itself, e.g. to stamp a [`SimulatedSource`](crate::activity::SimulatedSource).
     pub fn source(&self) -> Arc<dyn ActivitySource> {
         self.shared.source()
+    }
+
+    /// CPU time the engine thread has used so far (user and system), from its per-thread CPU
+    /// clock. `None` once the engine has shut down.
+    pub fn cpu_time(&self) -> Option<Duration> {
+        use std::os::unix::thread::JoinHandleExt;
+        let thread = self.thread.as_ref()?.as_pthread_t();
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: `thread` is a live thread (we hold its JoinHandle and have not joined it);
+        // `clock` is a valid out-pointer.
+        if unsafe { libc::pthread_getcpuclockid(thread, &mut clock) } != 0 {
+            return None;
+        }
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `clock` names that thread's CPU clock; `ts` is a valid out-pointer.
+        if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+            return None;
+        }
+        Some(Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+    }
+
+    /// The engine thread's CPU time split into user and system time, from
+    /// `/proc/self/task/<tid>/stat` (clock-tick resolution). System time includes what the
+    /// kernel does inside the engine's system calls; on loopback that includes delivering a
+    /// probe to the peer's socket, which on a real network happens on the receiving host.
+    pub fn cpu_split(&self) -> Option<(Duration, Duration)> {
+        let tid = self
+            .shared
+            .thread_id
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if tid == 0 || self.thread.is_none() {
+            return None;
+        }
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+        // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let mut fields = rest.split_whitespace().skip(11);
+        let utime: u64 = fields.next()?.parse().ok()?;
+        let stime: u64 = fields.next()?.parse().ok()?;
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        let ticks = |t: u64| Duration::from_nanos(t * 1_000_000_000 / hz);
+        Some((ticks(utime), ticks(stime)))
     }
 
     /// Slots allocated and not yet freed: watched connections, plus dropped ones the engine

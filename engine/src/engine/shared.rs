@@ -125,6 +125,8 @@ pub(crate) struct Shared {
     pub(crate) policies: Mutex<PolicyRegistry>,
     /// First slot index of this engine (engines of a group share one source).
     pub(crate) slot_base: u32,
+    /// The engine thread's kernel thread id, once it runs (for per-thread CPU accounting).
+    pub(crate) thread_id: std::sync::atomic::AtomicI32,
 }
 
 impl Shared {

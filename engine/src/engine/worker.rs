@@ -113,6 +113,9 @@ impl Worker {
     }
 
     pub(crate) fn run(mut self) {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        self.shared.thread_id.store(tid, Ordering::Relaxed);
         loop {
             let turn_start = monotonic_ns();
             loop {
@@ -256,7 +259,7 @@ impl Worker {
             let old = *c;
             c.fd = FREE_FD;
             self.wheel.remove(old.timer);
-            self.gauge(old.phase(), Phase::Inert);
+            self.ungauge(old.phase());
             self.shared.counters.watched.fetch_sub(1, Ordering::Relaxed);
         }
         if let Some(cell) = self.shared.stats.get(local) {
@@ -265,20 +268,30 @@ impl Worker {
         self.shared.slots.free(slot);
     }
 
-    /// Keeps the `probing` and `dead_now` gauges in step with a phase change.
+    /// Keeps the per-phase gauges in step with a phase change.
     fn gauge(&self, from: Phase, to: Phase) {
-        let counters = &self.shared.counters;
-        for (phase, delta) in [(from, -1i64), (to, 1)] {
-            let gauge = match phase {
-                Phase::Probing => &counters.probing,
-                Phase::Dead => &counters.dead_now,
-                _ => continue,
-            };
-            if delta > 0 {
+        if from != to {
+            self.ungauge(from);
+            if let Some(gauge) = self.phase_gauge(to) {
                 gauge.fetch_add(1, Ordering::Relaxed);
-            } else {
-                gauge.fetch_sub(1, Ordering::Relaxed);
             }
+        }
+    }
+
+    /// Takes a connection in `phase` out of the gauges (it is no longer watched).
+    fn ungauge(&self, phase: Phase) {
+        if let Some(gauge) = self.phase_gauge(phase) {
+            gauge.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn phase_gauge(&self, phase: Phase) -> Option<&std::sync::atomic::AtomicU64> {
+        let counters = &self.shared.counters;
+        match phase {
+            Phase::Probing => Some(&counters.probing),
+            Phase::Dead => Some(&counters.dead_now),
+            Phase::Inert => Some(&counters.inert_now),
+            Phase::Watching | Phase::Kernel => None,
         }
     }
 

@@ -1,0 +1,97 @@
+//! `lull`: keep idle TCP connections alive and find dead peers, with the kernel's help.
+//!
+//! With no arguments it runs `lull run`: a self-contained demonstration that holds 10,000
+//! loopback connections to a known mix of peers (busy, answering, hung, closing) and reports
+//! what the engine found. `lull run --connect HOST:PORT` keeps a real server's connections
+//! alive instead.
+
+mod check;
+mod metrics;
+mod peer;
+mod privileges;
+mod run;
+mod schedule;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Keep idle TCP connections alive and find dead peers, with the kernel's help.
+///
+/// An eBPF program records when each watched socket last carried payload; one lazy timer per
+/// connection reads that record and probes only connections that really were idle. Without
+/// root (or without a built BPF object) lull falls back to TCP_INFO and says so.
+#[derive(Debug, Parser)]
+#[command(name = "lull", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Run(Box<run::RunArgs>),
+    Check(check::CheckArgs),
+    Peer(peer::PeerArgs),
+}
+
+/// A bad flag, config key or value: reported on one line, exit code 2.
+#[derive(Debug)]
+pub struct UsageError {
+    /// The flag (or config key) at fault, e.g. `--idle`.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// Shorthand for a [`UsageError`] as an `anyhow::Error`.
+pub fn usage(field: &'static str, message: impl Into<String>) -> anyhow::Error {
+    UsageError {
+        field,
+        message: message.into(),
+    }
+    .into()
+}
+
+fn init_logging() {
+    // `RUST_LOG` decides; the default shows lull's own notices, such as which activity
+    // source is in use. The `log` bridge carries the kernel side's aya-log records too.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        None => run::run(run::RunArgs::default()),
+        Some(Command::Run(args)) => run::run(*args),
+        Some(Command::Check(args)) => check::run(&args),
+        Some(Command::Peer(args)) => peer::run(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            if let Some(bad) = err.downcast_ref::<UsageError>() {
+                eprintln!("error: {bad}");
+                ExitCode::from(2)
+            } else {
+                eprintln!("error: {err:#}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+}

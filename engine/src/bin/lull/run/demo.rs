@@ -1,0 +1,235 @@
+//! The self-contained demonstration: a loopback population of peer processes with a known mix
+//! of behaviours, and a report of what the engine found.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader},
+    net::TcpStream,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use lull::Watched;
+
+use super::{
+    Run,
+    options::Population,
+    report::{self, JobFacts, Report},
+    rss_bytes,
+    tracker::{Tally, Tracker},
+};
+use crate::{
+    peer::READY_PREFIX,
+    schedule::{Role, Script},
+};
+
+/// Connections one peer process accepts: well under the 20,000 fds a process may hold here.
+const PER_PROCESS: u64 = 15_000;
+
+/// The peer processes; they exit when dropped (their stdin closes).
+struct Peers {
+    children: Vec<Child>,
+    /// Per process, the port of each role, in `Role::ALL` order.
+    ports: Vec<[u16; 4]>,
+}
+
+impl Drop for Peers {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            drop(child.stdin.take());
+        }
+        for child in &mut self.children {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+fn spawn_population(processes: u64, script: &Script) -> Result<Peers> {
+    let exe = std::env::current_exe().context("finding the lull binary to start peers")?;
+    let script = serde_json::to_string(script)?;
+    let mut population = Peers {
+        children: Vec::new(),
+        ports: Vec::new(),
+    };
+    for _ in 0..processes {
+        let mut child = Command::new(&exe)
+            .args(["peer", "--script", &script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting a peer process ({})", exe.display()))?;
+        let stdout = child.stdout.take().context("peer stdout")?;
+        population.children.push(child);
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .context("reading the peer's ports")?;
+        let ports: Vec<u16> = line
+            .strip_prefix(READY_PREFIX)
+            .with_context(|| format!("a peer process did not start: {line:?}"))?
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()?;
+        ensure!(
+            ports.len() == 4,
+            "a peer process reported {} ports",
+            ports.len()
+        );
+        population
+            .ports
+            .push([ports[0], ports[1], ports[2], ports[3]]);
+    }
+    Ok(population)
+}
+
+/// Roles for `n` connections in the requested shares, in a scattered (but fixed) order.
+fn roles(n: u64, population: Population) -> (Vec<Role>, BTreeMap<Role, u64>) {
+    let share = |f: f64| (n as f64 * f).round() as u64;
+    let (busy, hung, closing) = (
+        share(population.busy),
+        share(population.hung),
+        share(population.closing),
+    );
+    let answering = n - busy - hung - closing;
+    let counts = BTreeMap::from([
+        (Role::Answering, answering),
+        (Role::Busy, busy),
+        (Role::Hung, hung),
+        (Role::Closing, closing),
+    ]);
+    let mut roles: Vec<Role> = counts
+        .iter()
+        .flat_map(|(role, k)| std::iter::repeat_n(*role, *k as usize))
+        .collect();
+    // Fisher-Yates with a fixed seed: the mix is spread over the connect order, the same
+    // every run.
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    for i in (1..roles.len()).rev() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        roles.swap(i, (state % (i as u64 + 1)) as usize);
+    }
+    (roles, counts)
+}
+
+pub fn run(run: &Run<'_>, population: Population) -> Result<Report> {
+    let config = run.config;
+    let policy = &config.policy;
+    let n = u64::from(config.conns);
+    let duration = config.duration.context("the demo needs a duration")?;
+    let bound = policy.detection_bound();
+    let margin = (duration / 10).max(Duration::from_secs(1));
+    let ms = |d: Duration| d.as_millis() as u64;
+    let hang_to = duration.saturating_sub(bound + margin);
+    let close_to = duration.saturating_sub(policy.idle + margin);
+    if population.hung > 0.0 && hang_to < margin {
+        tracing::warn!(
+            "--duration {duration:?} is too short for hung peers to be found: detection takes up to \
+             idle + count * interval = {bound:?}"
+        );
+    }
+    let script = Script {
+        busy_every_ms: ms(policy.idle / 4).max(10),
+        hang_ms: (ms(margin.min(hang_to)), ms(hang_to)),
+        close_ms: (ms(margin.min(close_to)), ms(close_to)),
+    };
+    let (roles, by_role) = roles(n, population);
+    let processes = n.div_ceil(PER_PROCESS);
+    eprintln!(
+        "lull demo: {n} connections ({} answering, {} busy, {} hung, {} closing) to {processes} \
+         peer process(es); idle {:?}, interval {:?}, count {}, for {duration:?}",
+        by_role[&Role::Answering],
+        by_role[&Role::Busy],
+        by_role[&Role::Hung],
+        by_role[&Role::Closing],
+        policy.idle,
+        policy.interval,
+        policy.count,
+    );
+    let peers = spawn_population(processes, &script)?;
+
+    let mut tracker = Tracker::new(bound, n as usize);
+    let mut handles: Vec<Watched<TcpStream>> = Vec::with_capacity(n as usize);
+    let rss_before = rss_bytes();
+    let setup = Instant::now();
+    for (i, role) in roles.iter().enumerate() {
+        if run.interrupted() {
+            break;
+        }
+        let process = i % peers.ports.len();
+        let port = peers.ports[process][Role::ALL.iter().position(|r| r == role).unwrap_or(0)];
+        let stream = TcpStream::connect(("127.0.0.1", port))
+            .with_context(|| format!("connecting to peer port {port}"))?;
+        stream.set_nodelay(true)?;
+        let local = stream.local_addr()?.port();
+        let watched = run
+            .engine
+            .watch(stream, policy)
+            .context("watching a demo connection")?;
+        let hangs_at = (*role == Role::Hung).then(|| Instant::now() + script.hang_after(local));
+        tracker.expect(watched.id(), Some(*role), hangs_at);
+        handles.push(watched);
+        if i % 1_000 == 999 && !config.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())
+        {
+            eprint!("\rconnecting: {}/{n}", i + 1);
+        }
+    }
+    // The engine takes watches in asynchronously; measure once it has all of them.
+    let settle = Instant::now() + Duration::from_secs(5);
+    while run.engine.stats().watched < handles.len() as u64 && Instant::now() < settle {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let rss_after = rss_bytes();
+    if !config.quiet {
+        eprintln!(
+            "\rconnected {} in {:.1?}; running for {duration:?}",
+            handles.len(),
+            setup.elapsed()
+        );
+    }
+    if handles.len() as u64 != n && !run.interrupted() {
+        bail!("only {} of {n} connections were opened", handles.len());
+    }
+
+    run.restart();
+    let expected = Tally {
+        dead: by_role[&Role::Hung],
+        closed: by_role[&Role::Closing],
+    };
+    while !run.over() {
+        super::pump_events(run, &mut tracker, Duration::from_millis(100));
+        if !config.quiet {
+            tracker.progress(run.elapsed(), &run.engine.stats(), Some(expected), false);
+        }
+    }
+    super::pump_events(run, &mut tracker, Duration::ZERO);
+    if !config.quiet {
+        tracker.progress(run.elapsed(), &run.engine.stats(), Some(expected), true);
+        tracker.finish_progress();
+    }
+    let facts = JobFacts {
+        job: "demo",
+        policy,
+        connections: handles.len() as u64,
+        by_role,
+        expected_dead: Some(expected.dead),
+        expected_closed: Some(expected.closed),
+        reconnects: 0,
+        rss_growth: Some((rss_after.saturating_sub(rss_before), handles.len() as u64)),
+        elapsed: run.elapsed(),
+        interrupted: run.interrupted(),
+    };
+    let report = report::build(run.engine, &tracker, facts);
+    drop(handles);
+    drop(peers);
+    Ok(report)
+}
