@@ -3,8 +3,10 @@
 //!
 //! Every test here touches only loopback addresses or network namespaces it creates itself.
 
+pub mod cli;
 pub mod netns;
 pub mod peers;
+pub mod servers;
 
 use std::{
     io::{Read, Write},

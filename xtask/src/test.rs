@@ -62,11 +62,18 @@ pub fn run(opts: &Options) -> Result<()> {
              with LULL_REQUIRE_EBPF=1)"
         );
     }
+    // The CLI tests run the real binary; build it first and tell them where it is.
+    run_checked(
+        Command::new("cargo")
+            .current_dir(&root)
+            .args(["build", "--package", "lull", "--bin", "lull"]),
+    )?;
     run_checked(
         Command::new("cargo")
             .current_dir(&root)
             .args(["test", "--workspace"])
-            .args(&opts.cargo_args),
+            .args(&opts.cargo_args)
+            .env("LULL_BIN", root.join("target/debug/lull")),
     )?;
 
     step(5, "done");

@@ -11,7 +11,12 @@ use anyhow::{Context as _, Result, bail, ensure};
 use caps::CapSet;
 
 /// Switches the whole process to `name` (uid, gid, supplementary groups) and drops every
-/// capability, including the bounding set, with `no_new_privs` so nothing can regain them.
+/// capability, with `no_new_privs` so nothing can regain them.
+///
+/// The uid change applies to every thread (glibc broadcasts it), and with it the kernel
+/// empties every thread's permitted and effective sets. The bounding set and `no_new_privs`
+/// are per thread and only matter across `execve`: they are set on this thread, the only one
+/// that starts processes (the demo's peers), which inherit them.
 pub fn drop_to(name: &str) -> Result<()> {
     let (uid, gid) = lookup(name)?;
     // SAFETY: prctl with integer arguments only.

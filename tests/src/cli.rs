@@ -1,0 +1,42 @@
+//! Running the `lull` binary from tests.
+
+use std::{
+    path::PathBuf,
+    process::{Command, Output},
+};
+
+/// The `lull` binary under test: `$LULL_BIN` (set by `cargo xtask test`), else the workspace's
+/// debug build.
+pub fn lull_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("LULL_BIN") {
+        return path.into();
+    }
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/lull");
+    assert!(
+        path.is_file(),
+        "{} is missing: build it with `cargo build --bin lull` (cargo xtask test does)",
+        path.display()
+    );
+    path
+}
+
+/// `lull <args>`, waited for.
+pub fn lull(args: &[&str]) -> Output {
+    Command::new(lull_bin())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run lull")
+}
+
+/// Reads the JSON report written with `--json`.
+pub fn report(path: &std::path::Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("reading the report {}: {e}", path.display()));
+    serde_json::from_str(&text).expect("the report is JSON")
+}
+
+/// A scratch file path unique to this process and `name`.
+pub fn scratch(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("lull-test-{}-{name}", std::process::id()))
+}

@@ -1,0 +1,305 @@
+//! `lull run` (the demonstration) end to end: its report matches the population it started,
+//! it stops cleanly on SIGINT, it drops privileges with --user, and it serves metrics.
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use lull_tests::{
+    Source, both_sources,
+    cli::{lull, lull_bin, report, scratch},
+    ebpf_required, serial,
+    servers::free_port,
+};
+
+/// Programs named like lull's that are loaded in the kernel now.
+fn lull_programs() -> usize {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("lull_")))
+        .count()
+}
+
+/// `--source` for a test source; `None` (skip) when eBPF is wanted but this is not root.
+fn source_flag(source: Source, test: &str) -> Option<&'static str> {
+    match source {
+        Source::TcpInfo => Some("tcp-info"),
+        // SAFETY: geteuid has no preconditions.
+        Source::Ebpf if unsafe { libc::geteuid() } != 0 && !ebpf_required() => {
+            eprintln!("SKIPPED {test}: eBPF needs root");
+            None
+        }
+        Source::Ebpf => Some("ebpf"),
+    }
+}
+
+both_sources!(demo_report_matches_the_population);
+fn demo_report_matches_the_population(source: Source) {
+    let _serial = serial();
+    let Some(flag) = source_flag(source, "demo_report_matches_the_population") else {
+        return;
+    };
+    let json = scratch(&format!("demo-{flag}.json"));
+    let out = lull(&[
+        "run",
+        "--conns",
+        "2000",
+        "--duration",
+        "10s",
+        "--idle",
+        "2s",
+        "--interval",
+        "500ms",
+        "--count",
+        "3",
+        "--source",
+        flag,
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("result: as expected"), "{stdout}");
+    let r = report(&json);
+    assert_eq!(r["source"], flag.replace('-', "_"));
+    assert_eq!(r["connections"], 2000);
+    assert_eq!(r["connections_by_role"]["hung"], 20);
+    assert_eq!(r["dead"]["found"], 20);
+    assert_eq!(r["dead"]["expected"], 20);
+    assert_eq!(r["dead"]["unexpected"], 0);
+    assert_eq!(r["closed"]["found"], 20);
+    assert_eq!(r["closed"]["expected"], 20);
+    assert_eq!(
+        r["mismatches"].as_array().unwrap().len(),
+        0,
+        "{}",
+        r["mismatches"]
+    );
+    let latency = &r["detection_latency"];
+    assert!(
+        latency["max_ms"].as_f64().unwrap() <= latency["bound_ms"].as_f64().unwrap() + 50.0,
+        "{latency}"
+    );
+    assert!(
+        r["probes_sent"].as_u64().unwrap() > 2000,
+        "answering peers are probed"
+    );
+    assert!(
+        r["wakeups_found_traffic"].as_u64().unwrap() > 0,
+        "busy peers are re-armed, not probed"
+    );
+    assert!(r["engine_cpu_ms"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn sigint_stops_cleanly_and_leaves_no_bpf_behind() {
+    let _serial = serial();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 && !ebpf_required() {
+        eprintln!("SKIPPED sigint_stops_cleanly_and_leaves_no_bpf_behind: needs root");
+        return;
+    }
+    let before = lull_programs();
+    let child = Command::new(lull_bin())
+        .args([
+            "run",
+            "--conns",
+            "500",
+            "--duration",
+            "60s",
+            "--source",
+            "ebpf",
+            "--quiet",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start lull");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        lull_programs(),
+        before + 3,
+        "lull attached its three programs"
+    );
+    let started = Instant::now();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let out = child.wait_with_output().expect("wait for lull");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "SIGINT must stop the run promptly"
+    );
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("(interrupted)"),
+        "the final report is printed: {stdout}"
+    );
+    assert_eq!(
+        lull_programs(),
+        before,
+        "lull's programs must be gone after exit"
+    );
+}
+
+#[test]
+fn user_drops_to_nobody_with_no_capabilities_and_keeps_working() {
+    let _serial = serial();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(!ebpf_required(), "--user needs root to test");
+        eprintln!(
+            "SKIPPED user_drops_to_nobody_with_no_capabilities_and_keeps_working: needs root"
+        );
+        return;
+    }
+    let json = scratch("user.json");
+    let child = Command::new(lull_bin())
+        .args([
+            "run",
+            "--conns",
+            "500",
+            "--duration",
+            "7s",
+            "--idle",
+            "1s",
+            "--interval",
+            "300ms",
+        ])
+        .args([
+            "--source",
+            "ebpf",
+            "--user",
+            "nobody",
+            "--quiet",
+            "--json",
+            json.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start lull");
+    std::thread::sleep(Duration::from_secs(3));
+    let pid = child.id();
+    let mut threads = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("lull's threads") {
+        let task = task.unwrap();
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .unwrap_or_default()
+                .to_string()
+        };
+        // Every thread: no uid 0, no usable capability.
+        assert!(
+            field("Uid:")
+                .split_whitespace()
+                .skip(1)
+                .all(|u| u == "65534"),
+            "{}",
+            field("Uid:")
+        );
+        for caps in ["CapEff:", "CapPrm:", "CapAmb:"] {
+            assert!(field(caps).ends_with("0000000000000000"), "{}", field(caps));
+        }
+        // The bounding set and no_new_privs only matter across execve, which only the main
+        // thread does (it starts the peers); they are per-thread, so check them there.
+        if task.file_name().to_str() == Some(pid.to_string().as_str()) {
+            assert!(
+                field("CapBnd:").ends_with("0000000000000000"),
+                "{}",
+                field("CapBnd:")
+            );
+            assert!(
+                field("NoNewPrivs:").ends_with('1'),
+                "{}",
+                field("NoNewPrivs:")
+            );
+        }
+        threads += 1;
+    }
+    assert!(threads >= 2, "the engine thread was checked too");
+    let out = child.wait_with_output().expect("wait for lull");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = report(&json);
+    assert_eq!(
+        r["source"], "ebpf",
+        "the programs stay attached after the drop"
+    );
+    assert_eq!(
+        r["mismatches"].as_array().unwrap().len(),
+        0,
+        "{}",
+        r["mismatches"]
+    );
+    assert_eq!(r["dead"]["found"], 5);
+}
+
+#[test]
+fn metrics_are_served_in_prometheus_text_on_localhost() {
+    let _serial = serial();
+    let port = free_port();
+    let child = Command::new(lull_bin())
+        .args([
+            "run",
+            "--conns",
+            "300",
+            "--duration",
+            "5s",
+            "--idle",
+            "1s",
+            "--interval",
+            "300ms",
+        ])
+        .args(["--quiet", "--metrics", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start lull");
+    std::thread::sleep(Duration::from_secs(3));
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).expect("a bare port binds 127.0.0.1");
+    conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    conn.read_to_string(&mut body).unwrap();
+    for needle in [
+        "200 OK",
+        "openmetrics-text",
+        "lull_probes_sent_total ",
+        "lull_connections{state=\"watching\"}",
+        "lull_connections{state=\"probing\"}",
+        "lull_deaths_total",
+        "lull_detection_latency_seconds_bucket",
+        "lull_activity_source{source=",
+    ] {
+        assert!(body.contains(needle), "metrics lack {needle}:\n{body}");
+    }
+    let sent: f64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("lull_probes_sent_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("a probes counter");
+    assert!(sent > 0.0, "probes are counted");
+    let out = child.wait_with_output().expect("wait for lull");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
