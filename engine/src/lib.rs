@@ -14,6 +14,7 @@
 pub mod activity;
 pub mod clock;
 mod engine;
+mod memory;
 pub mod policy;
 pub mod probe;
 pub mod wheel;

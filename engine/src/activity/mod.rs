@@ -105,6 +105,14 @@ pub trait ActivitySource: Send + Sync + 'static {
     /// Reads what is known of the connection in `slot`.
     fn read(&self, slot: Slot, fd: Option<BorrowedFd<'_>>) -> Result<Activity, ActivityError>;
 
+    /// Starts loading what `read` will need for `slot` into the cache. The engine calls it for
+    /// a batch of expired timers before reading any of them, so the cache misses overlap.
+    fn prefetch(&self, _slot_index: u32) {}
+
+    /// Called when a probe to a simulated connection (one with no socket) completed, so that a
+    /// simulated peer can answer it. Real sources ignore it: their peers answer on the wire.
+    fn probe_sent(&self, _slot: Slot, _now_ns: u64) {}
+
     /// How far a stamp may be off. A probe counts as answered by payload stamped no earlier
     /// than this before the probe was sent.
     fn resolution_ns(&self) -> u64 {

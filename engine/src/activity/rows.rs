@@ -22,6 +22,8 @@ pub(crate) struct RowCell {
 }
 
 const _: () = assert!(size_of::<RowCell>() == size_of::<ActivityEntry>());
+const _: () = assert!(size_of::<RowCell>() == size_of::<[u64; 3]>());
+const _: () = assert!(align_of::<RowCell>() == align_of::<[u64; 3]>());
 const _: () = assert!(align_of::<RowCell>() == align_of::<ActivityEntry>());
 
 impl RowCell {
@@ -134,7 +136,14 @@ impl Rows {
 
     /// A zeroed table in ordinary memory.
     pub(crate) fn heap(capacity: usize) -> Self {
-        let mut rows: Box<[RowCell]> = (0..capacity).map(|_| RowCell::default()).collect();
+        // Zeroed by `alloc_zeroed` and not touched yet, so the huge-page hint applies before
+        // the first fault.
+        let zeroed = vec![[0u64; 3]; capacity].into_boxed_slice();
+        crate::memory::advise_huge_pages(zeroed.as_ptr(), capacity * size_of::<RowCell>());
+        // SAFETY: `RowCell` is #[repr(C)] over three `AtomicU64` (asserted the size and
+        // alignment of `[u64; 3]` below); all zeroes is its default.
+        let mut rows: Box<[RowCell]> =
+            unsafe { Box::from_raw(Box::into_raw(zeroed) as *mut [RowCell]) };
         let ptr = NonNull::new(rows.as_mut_ptr()).unwrap_or(NonNull::dangling());
         Self {
             ptr,
@@ -145,6 +154,15 @@ impl Rows {
 
     pub(crate) fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// Starts loading row `index` into the cache (see `memory::prefetch`).
+    #[inline]
+    pub(crate) fn prefetch(&self, index: u32) {
+        if (index as usize) < self.capacity {
+            // SAFETY: in bounds, as checked; the pointer is only used as a prefetch hint.
+            crate::memory::prefetch(unsafe { self.ptr.as_ptr().add(index as usize) });
+        }
     }
 
     /// The row at `index`, or `None` past the end.

@@ -1,6 +1,9 @@
 //! [`SimulatedSource`]: the activity table's layout in ordinary memory.
 
-use std::os::fd::BorrowedFd;
+use std::{
+    os::fd::BorrowedFd,
+    sync::atomic::{AtomicU64, Ordering},
+};
 
 use super::{Activity, ActivityError, ActivitySource, Slot, SourceKind, rows::Rows};
 
@@ -9,14 +12,33 @@ use super::{Activity, ActivityError, ActivitySource, Slot, SourceKind, rows::Row
 /// whole engine at millions of connections on a machine that cannot hold that many sockets.
 pub struct SimulatedSource {
     rows: Rows,
+    /// One bit per slot: set when the simulated peer is dead and answers nothing.
+    dead: Box<[AtomicU64]>,
 }
 
 impl SimulatedSource {
-    /// A table of `capacity` empty rows.
+    /// A table of `capacity` empty rows; every simulated peer answers probes until killed.
     pub fn new(capacity: u32) -> Self {
         Self {
             rows: Rows::heap(capacity as usize),
+            dead: (0..(capacity as usize).div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
         }
+    }
+
+    /// Makes the peer of `index` dead: it no longer answers probes.
+    pub fn kill(&self, index: u32) {
+        if let Some(word) = self.dead.get(index as usize / 64) {
+            word.fetch_or(1 << (index % 64), Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the peer of `index` still answers probes.
+    pub fn alive(&self, index: u32) -> bool {
+        self.dead
+            .get(index as usize / 64)
+            .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (index % 64)) == 0)
     }
 
     /// Records payload received on `slot` at `now_ns` (what the ingress program does).
@@ -68,6 +90,18 @@ impl ActivitySource for SimulatedSource {
         if let Some(row) = self.rows.get(slot.index) {
             row.retire_if(slot.generation);
         }
+    }
+
+    /// A live simulated peer answers at once: its answer is payload received now.
+    fn probe_sent(&self, slot: Slot, now_ns: u64) {
+        if self.alive(slot.index) {
+            self.stamp_rx(slot.index, now_ns);
+        }
+    }
+
+    #[inline]
+    fn prefetch(&self, slot_index: u32) {
+        self.rows.prefetch(slot_index);
     }
 
     #[inline]

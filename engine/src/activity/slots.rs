@@ -175,6 +175,14 @@ impl SlotAllocator {
         }
     }
 
+    /// Starts loading the word of local index `local` into the cache.
+    #[inline]
+    pub(crate) fn prefetch(&self, local: u32) {
+        if let Some(word) = self.words.get(local as usize) {
+            crate::memory::prefetch(word);
+        }
+    }
+
     /// The slot at local index `local` as it is now, or `None` while it is free.
     pub(crate) fn slot_at(&self, local: u32) -> Option<Slot> {
         let w = self.words.get(local as usize)?.load(Ordering::Acquire);
@@ -227,6 +235,7 @@ impl SlotAllocator {
 /// until slots are used.
 fn zeroed_words(capacity: usize) -> Box<[AtomicU32]> {
     let words = vec![0u32; capacity].into_boxed_slice();
+    crate::memory::advise_huge_pages(words.as_ptr(), capacity * size_of::<u32>());
     // SAFETY: `AtomicU32` has the same size, alignment and bit validity as `u32`, so a boxed
     // slice of one is a boxed slice of the other, allocated with the same layout.
     unsafe { Box::from_raw(Box::into_raw(words) as *mut [AtomicU32]) }

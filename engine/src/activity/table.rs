@@ -353,6 +353,11 @@ impl ActivitySource for ActivityTable {
     }
 
     #[inline]
+    fn prefetch(&self, slot_index: u32) {
+        self.rows.prefetch(slot_index);
+    }
+
+    #[inline]
     fn read(&self, slot: Slot, _fd: Option<BorrowedFd<'_>>) -> Result<Activity, ActivityError> {
         Ok(ActivityTable::read(self, slot))
     }

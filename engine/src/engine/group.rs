@@ -111,9 +111,13 @@ impl EngineGroup {
         Err(last.unwrap_or(WatchError::EngineStopped))
     }
 
-    /// Watches a simulated connection on one of the engines.
-    pub fn watch_virtual(&self, policy: &Policy) -> Result<VirtualConn, WatchError> {
-        self.pick().watch_virtual(policy)
+    /// Watches a simulated connection on one of the engines (see [`Engine::watch_virtual`]).
+    pub fn watch_virtual(
+        &self,
+        policy: &Policy,
+        last_activity_ns: u64,
+    ) -> Result<VirtualConn, WatchError> {
+        self.pick().watch_virtual(policy, last_activity_ns)
     }
 
     /// The shared event channel.

@@ -258,6 +258,7 @@ impl EngineBuilder {
         let config = WorkerConfig {
             tick_ns: u64::try_from(self.tick.as_nanos()).unwrap_or(1_000_000),
             max_probes_per_tick: self.max_probes_per_tick,
+            capacity: self.capacity,
         };
         let worker = Worker::new(shared.clone(), commands_rx, ring, config);
         let thread = std::thread::Builder::new()
@@ -316,7 +317,7 @@ impl Engine {
                 &fd,
             )));
         }
-        let registration = self.register(Some(fd), policy, Some(identity.inode));
+        let registration = self.register(Some(fd), policy, Some(identity.inode), monotonic_ns());
         match registration {
             Ok(registration) => Ok(Watched::new(stream, registration)),
             Err(err) => {
@@ -326,15 +327,23 @@ impl Engine {
         }
     }
 
-    /// Watches a simulated connection with no socket. Its activity comes from the engine's
-    /// [`SourceChoice::Custom`] source (a [`SimulatedSource`](crate::activity::SimulatedSource)),
-    /// and its byte probes complete as io_uring no-ops. For benchmarks and simulations.
-    pub fn watch_virtual(&self, policy: &Policy) -> Result<VirtualConn, WatchError> {
+    /// Watches a simulated connection with no socket, last active at `last_activity_ns`
+    /// (`CLOCK_MONOTONIC`; pass [`monotonic_ns`] for "now"). Its activity comes from the
+    /// engine's [`SourceChoice::Custom`] source (a
+    /// [`SimulatedSource`](crate::activity::SimulatedSource)), its byte probes complete as
+    /// io_uring no-ops, and the source is told of each one so that a simulated peer can answer.
+    /// For benchmarks and simulations.
+    pub fn watch_virtual(
+        &self,
+        policy: &Policy,
+        last_activity_ns: u64,
+    ) -> Result<VirtualConn, WatchError> {
         policy.validate()?;
         if policy.probe == Probe::Kernel {
             return Err(WatchError::Activity(ActivityError::NoSocket));
         }
-        self.register(None, policy, None).map(VirtualConn::new)
+        self.register(None, policy, None, last_activity_ns)
+            .map(VirtualConn::new)
     }
 
     fn register(
@@ -342,6 +351,7 @@ impl Engine {
         fd: Option<std::os::fd::BorrowedFd<'_>>,
         policy: &Policy,
         inode: Option<u64>,
+        now_ns: u64,
     ) -> Result<Registration, WatchError> {
         let shared = &self.shared;
         if shared.commands.is_disconnected() {
@@ -364,7 +374,6 @@ impl Engine {
             .ok_or(WatchError::Full {
                 capacity: shared.slots.capacity(),
             })?;
-        let now_ns = monotonic_ns();
         if let Err(err) = shared.source().attach(fd, slot, now_ns) {
             shared.slots.free(slot);
             return Err(err.into());

@@ -171,6 +171,7 @@ pub(crate) fn zeroed_stats(capacity: usize) -> Box<[ConnStatsCell]> {
     const _: () = assert!(align_of::<ConnStatsCell>() == align_of::<[u32; 3]>());
     // `vec![zero; n]` of integers allocates with `alloc_zeroed`.
     let cells = vec![[0u32; 3]; capacity].into_boxed_slice();
+    crate::memory::advise_huge_pages(cells.as_ptr(), capacity * size_of::<[u32; 3]>());
     // SAFETY: `ConnStatsCell` is `#[repr(C)]` over three `AtomicU32`, which have the size,
     // alignment and bit validity of `u32`; all zeroes is its default.
     unsafe { Box::from_raw(Box::into_raw(cells) as *mut [ConnStatsCell]) }

@@ -30,6 +30,8 @@ use super::{
 const HOUSEKEEPING_NS: u64 = 1_000_000_000;
 /// Timer expiries handled per turn before commands get a look-in again.
 const MAX_FIRES_PER_TURN: u32 = 16_384;
+/// Expiries taken from the wheel and prefetched before any of them is handled.
+const PREFETCH_BATCH: usize = 32;
 
 /// A request in the current batch.
 struct Inflight {
@@ -51,6 +53,10 @@ const DRAIN_BYTES: usize = 64 * 1024;
 pub(crate) struct WorkerConfig {
     pub(crate) tick_ns: u64,
     pub(crate) max_probes_per_tick: u32,
+    /// Connections the engine may hold: the wheel and connection table reserve this much
+    /// address space up front (touched only as connections arrive), so they never reallocate
+    /// and never carry growth slack.
+    pub(crate) capacity: u32,
 }
 
 pub(crate) struct Worker {
@@ -93,8 +99,15 @@ impl Worker {
             source,
             shared,
             commands,
-            wheel: TimingWheel::new(),
-            conns: Vec::new(),
+            wheel: TimingWheel::with_capacity(config.capacity as usize),
+            conns: {
+                let conns = Vec::with_capacity(config.capacity as usize);
+                crate::memory::advise_huge_pages(
+                    conns.as_ptr(),
+                    conns.capacity() * size_of::<ConnState>(),
+                );
+                conns
+            },
             policies: Vec::new(),
             payloads: Vec::new(),
             payload_ids: HashMap::new(),
@@ -316,15 +329,35 @@ impl Worker {
             self.probes_this_tick = (tick, 0);
         }
         let mut fires = 0;
-        while fires < MAX_FIRES_PER_TURN
-            && self.probes_this_tick.1 < self.config.max_probes_per_tick
-            && self.ring.room() > 0
-        {
-            let Some(expired) = self.wheel.poll(tick) else {
-                break;
-            };
-            fires += 1;
-            self.fire(expired.token as usize, now);
+        let mut batch = [0u32; PREFETCH_BATCH];
+        'turn: while fires < MAX_FIRES_PER_TURN {
+            // Each expiry queues at most one probe and one drain, so a batch this size cannot
+            // overrun the tick's budget or the ring.
+            let budget = (self.config.max_probes_per_tick - self.probes_this_tick.1)
+                .min(self.ring.room() / 2) as usize;
+            let mut n = 0;
+            while n < budget.min(PREFETCH_BATCH) {
+                let Some(expired) = self.wheel.poll(tick) else {
+                    break;
+                };
+                let local = expired.token;
+                // Every table this expiry will read, for all of the batch, before any of it is
+                // handled: the misses overlap instead of queueing one behind the other.
+                if let Some(c) = self.conns.get(local as usize) {
+                    crate::memory::prefetch(c);
+                }
+                self.shared.slots.prefetch(local);
+                self.source.prefetch(self.shared.slot_base + local);
+                batch[n] = local;
+                n += 1;
+            }
+            for &local in &batch[..n] {
+                self.fire(local as usize, now);
+            }
+            fires += n as u32;
+            if n < PREFETCH_BATCH {
+                break 'turn;
+            }
         }
         self.flush(now);
         self.probes_this_tick.1 < self.config.max_probes_per_tick
@@ -553,12 +586,15 @@ impl Worker {
             }
         };
         if queued {
+            // A no-op "sends" nothing and completes with 0, which must read as a whole probe.
+            let len = if c.fd == VIRTUAL_FD {
+                0
+            } else {
+                rest.len() as u32
+            };
             self.inflight.push(Inflight {
                 local: local as u32,
-                op: Op::Probe {
-                    undo,
-                    len: rest.len() as u32,
-                },
+                op: Op::Probe { undo, len },
             });
             self.probes_this_tick.1 += 1;
         }
@@ -629,6 +665,11 @@ impl Worker {
                 // A finished rest completes a probe that was counted as not sent.
                 if undo.resume == 0 {
                     self.count_sent(local);
+                }
+                if self.conns[local].fd == VIRTUAL_FD
+                    && let Some(slot) = self.shared.slots.slot_at(local as u32)
+                {
+                    self.source.probe_sent(slot, now);
                 }
             }
             n if n > 0 => {

@@ -80,8 +80,10 @@ impl Slab {
                 next: head_id(list),
             };
         }
+        let entries = Vec::with_capacity(capacity.min(MAX_ENTRIES));
+        crate::memory::advise_huge_pages(entries.as_ptr(), entries.capacity() * size_of::<Entry>());
         Self {
-            entries: Vec::with_capacity(capacity.min(MAX_ENTRIES)),
+            entries,
             heads,
             free: NIL,
             allocated: 0,
