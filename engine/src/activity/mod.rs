@@ -125,6 +125,17 @@ pub trait ActivitySource: Send + Sync + 'static {
         false
     }
 
+    /// The kernel ids of the BPF links that attach this source (for `bpftool link`), if any.
+    fn link_ids(&self) -> Vec<u32> {
+        Vec::new()
+    }
+
+    /// How many rows are registered now, for leak checks (it scans the table). `None` for
+    /// sources without rows. Once every watch has ended, this must be 0.
+    fn registered_rows(&self) -> Option<u64> {
+        None
+    }
+
     /// Housekeeping the engine runs about once a second: forward kernel log records, and
     /// report an error if the source stopped working (for example, its programs were detached
     /// by another process). After an error the engine falls back to [`TcpInfoSource`].

@@ -156,6 +156,14 @@ impl Rows {
         self.capacity
     }
 
+    /// Rows whose generation is not 0 (registered), scanning the whole table.
+    pub(crate) fn registered(&self) -> u64 {
+        (0..self.capacity as u32)
+            .filter_map(|i| self.get(i))
+            .filter(|row| row.read().0 != 0)
+            .count() as u64
+    }
+
     /// Starts loading row `index` into the cache (see `memory::prefetch`).
     #[inline]
     pub(crate) fn prefetch(&self, index: u32) {

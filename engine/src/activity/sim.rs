@@ -99,6 +99,10 @@ impl ActivitySource for SimulatedSource {
         }
     }
 
+    fn registered_rows(&self) -> Option<u64> {
+        Some(self.rows.registered())
+    }
+
     #[inline]
     fn prefetch(&self, slot_index: u32) {
         self.rows.prefetch(slot_index);

@@ -352,6 +352,14 @@ impl ActivitySource for ActivityTable {
         self.retire(slot);
     }
 
+    fn registered_rows(&self) -> Option<u64> {
+        Some(self.rows.registered())
+    }
+
+    fn link_ids(&self) -> Vec<u32> {
+        ActivityTable::link_ids(self)
+    }
+
     #[inline]
     fn prefetch(&self, slot_index: u32) {
         self.rows.prefetch(slot_index);

@@ -93,15 +93,22 @@ pub fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<libc::tcp_info> {
 }
 
 /// Converts a `TCP_INFO` snapshot taken at `now_ns` into [`Activity`].
+///
+/// `tcpi_last_data_sent` moves on every data segment the kernel transmits, retransmissions
+/// included. While the head of the queue is being retransmitted, those sends are not progress
+/// (on a black-holed path they would keep a dead connection looking busy in rx-or-tx mode),
+/// so sent data only counts up to the last ACK received.
 pub(crate) fn activity_from(info: &libc::tcp_info, now_ns: u64) -> Activity {
     let ago = |ms: u32| now_ns.saturating_sub(u64::from(ms) * 1_000_000);
     let mut flags = TcpState::from_raw(info.tcpi_state).close_flags();
-    if info.tcpi_retransmits > 0 {
+    let mut last_tx_ns = ago(info.tcpi_last_data_sent);
+    if info.tcpi_retransmits > 0 || info.tcpi_backoff > 0 {
         flags |= flags::RETRANSMITTING;
+        last_tx_ns = last_tx_ns.min(ago(info.tcpi_last_ack_recv));
     }
     Activity {
         last_rx_ns: ago(info.tcpi_last_data_recv),
-        last_tx_ns: ago(info.tcpi_last_data_sent),
+        last_tx_ns,
         flags,
     }
 }
@@ -181,10 +188,21 @@ mod tests {
         info.tcpi_last_data_recv = 250;
         info.tcpi_last_data_sent = 5_000;
         info.tcpi_retransmits = 2;
+        info.tcpi_last_ack_recv = 7_000;
         let a = activity_from(&info, 10_000_000_000);
         assert_eq!(a.last_rx_ns, 9_750_000_000);
-        assert_eq!(a.last_tx_ns, 5_000_000_000);
+        assert_eq!(
+            a.last_tx_ns, 3_000_000_000,
+            "retransmitting: sends count up to the last ACK"
+        );
         assert_eq!(a.flags, flags::RETRANSMITTING);
+        info.tcpi_retransmits = 0;
+        let a = activity_from(&info, 10_000_000_000);
+        assert_eq!(
+            a.last_tx_ns, 5_000_000_000,
+            "not retransmitting: the last send counts"
+        );
+        assert_eq!(a.flags, 0);
         info.tcpi_last_data_recv = u32::MAX;
         assert_eq!(
             activity_from(&info, 1).last_rx_ns,

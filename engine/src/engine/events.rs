@@ -197,8 +197,13 @@ pub struct EngineStats {
     pub closed: u64,
     /// Events dropped because the event channel was full.
     pub events_dropped: u64,
-    /// The longest single loop iteration of the engine thread, in microseconds.
+    /// The longest single loop iteration of the engine thread, wall time, in microseconds
+    /// (includes time the scheduler gave to other threads).
     pub max_loop_us: u64,
+    /// The most CPU time one loop iteration took, in microseconds: the engine's own stall.
+    pub max_loop_cpu_us: u64,
+    /// The most probes sent in one tick (bounded by `max_probes_per_tick`).
+    pub max_probes_per_tick: u64,
     /// The activity source in use.
     pub source: Option<SourceKind>,
 }
@@ -220,6 +225,8 @@ impl EngineStats {
         self.closed += other.closed;
         self.events_dropped += other.events_dropped;
         self.max_loop_us = self.max_loop_us.max(other.max_loop_us);
+        self.max_loop_cpu_us = self.max_loop_cpu_us.max(other.max_loop_cpu_us);
+        self.max_probes_per_tick = self.max_probes_per_tick.max(other.max_probes_per_tick);
         self.source = self.source.or(other.source);
     }
 }
@@ -241,6 +248,8 @@ pub(crate) struct Counters {
     pub(crate) closed: AtomicU64,
     pub(crate) events_dropped: AtomicU64,
     pub(crate) max_loop_us: AtomicU64,
+    pub(crate) max_loop_cpu_us: AtomicU64,
+    pub(crate) max_probes_per_tick: AtomicU64,
 }
 
 impl Counters {
@@ -261,6 +270,8 @@ impl Counters {
             closed: get(&self.closed),
             events_dropped: get(&self.events_dropped),
             max_loop_us: get(&self.max_loop_us),
+            max_loop_cpu_us: get(&self.max_loop_cpu_us),
+            max_probes_per_tick: get(&self.max_probes_per_tick),
             source: Some(source),
         }
     }

@@ -32,6 +32,10 @@ const HOUSEKEEPING_NS: u64 = 1_000_000_000;
 const MAX_FIRES_PER_TURN: u32 = 16_384;
 /// Expiries taken from the wheel and prefetched before any of them is handled.
 const PREFETCH_BATCH: usize = 32;
+/// Commands taken per turn: a burst of a million registrations must not starve the timers.
+const MAX_COMMANDS_PER_TURN: usize = 4_096;
+/// Wall time a turn may spend firing timers before it yields to commands and the next turn.
+const TURN_BUDGET_NS: u64 = 2_000_000;
 
 /// A request in the current batch.
 struct Inflight {
@@ -131,7 +135,8 @@ impl Worker {
         self.shared.thread_id.store(tid, Ordering::Relaxed);
         loop {
             let turn_start = monotonic_ns();
-            loop {
+            let turn_cpu = thread_cpu_ns();
+            for _ in 0..MAX_COMMANDS_PER_TURN {
                 match self.commands.try_recv() {
                     Ok(Command::Shutdown) | Err(flume::TryRecvError::Disconnected) => return,
                     Ok(cmd) => self.handle(cmd),
@@ -139,18 +144,24 @@ impl Worker {
                 }
             }
             let now = monotonic_ns();
-            let budget_left = self.fire_due(now);
+            let budget_left = self.fire_due(now, turn_start + TURN_BUDGET_NS);
             if now >= self.next_housekeeping_ns {
                 self.housekeeping(now);
             }
-            let spent_us = (monotonic_ns() - turn_start) / 1_000;
-            self.shared
-                .counters
+            let counters = &self.shared.counters;
+            counters
                 .max_loop_us
-                .fetch_max(spent_us, Ordering::Relaxed);
+                .fetch_max((monotonic_ns() - turn_start) / 1_000, Ordering::Relaxed);
+            counters
+                .max_loop_cpu_us
+                .fetch_max((thread_cpu_ns() - turn_cpu) / 1_000, Ordering::Relaxed);
 
-            let wake_ns = self.next_wake_ns(now, budget_left);
             let now = monotonic_ns();
+            let wake_ns = if self.commands.is_empty() {
+                self.next_wake_ns(now, budget_left)
+            } else {
+                now
+            };
             if wake_ns <= now {
                 continue;
             }
@@ -323,7 +334,7 @@ impl Worker {
     }
 
     /// Fires the timers due at `now`. Returns whether probe budget is left in this tick.
-    fn fire_due(&mut self, now: u64) -> bool {
+    fn fire_due(&mut self, now: u64, turn_deadline_ns: u64) -> bool {
         let tick = self.tick_of(now);
         if self.probes_this_tick.0 != tick {
             self.probes_this_tick = (tick, 0);
@@ -355,7 +366,9 @@ impl Worker {
                 self.fire(local as usize, now);
             }
             fires += n as u32;
-            if n < PREFETCH_BATCH {
+            // Out of due timers, or out of this turn's time: commands and the next tick must
+            // not wait behind a herd.
+            if n < PREFETCH_BATCH || monotonic_ns() >= turn_deadline_ns {
                 break 'turn;
             }
         }
@@ -597,6 +610,10 @@ impl Worker {
                 op: Op::Probe { undo, len },
             });
             self.probes_this_tick.1 += 1;
+            self.shared
+                .counters
+                .max_probes_per_tick
+                .fetch_max(u64::from(self.probes_this_tick.1), Ordering::Relaxed);
         }
         queued
     }
@@ -754,6 +771,18 @@ impl Worker {
 const FREE_FD: RawFd = -2;
 /// The fd of a simulated connection: probes go to a no-op instead of a socket.
 pub(crate) const VIRTUAL_FD: RawFd = -1;
+
+/// CPU time of the calling thread: a turn's own work, unlike wall time, is not inflated when
+/// the scheduler runs something else in the middle of it.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer; the clock always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
 
 fn borrow<'a>(fd: RawFd) -> Option<BorrowedFd<'a>> {
     // SAFETY: only called for the fd of a slot this thread holds `Busy`, which its handle

@@ -1,0 +1,394 @@
+//! Faults, each with an exact expected outcome (issue: reliability and security).
+
+use std::{
+    collections::HashSet,
+    io::{BufRead, BufReader, Write},
+    net::{TcpListener, TcpStream},
+    process::{Command, Stdio},
+    sync::{Arc, Mutex, OnceLock},
+    time::{Duration, Instant},
+};
+
+use lull::{
+    ActivityMode, CloseReason, Engine, Event, Payload, Policy, Probe, activity::SourceKind,
+};
+use lull_tests::{
+    Source, both_sources,
+    cli::lull_bin,
+    ebpf_required, engine,
+    netns::NetnsPair,
+    peers::{Behaviour, PeerServer},
+    percentile, serial, wait_until,
+};
+
+const IDLE: Duration = Duration::from_millis(1_000);
+const INTERVAL: Duration = Duration::from_millis(500);
+
+fn policy() -> Policy {
+    Policy::detect_dead(IDLE, INTERVAL, 3).with_probe(Probe::Bytes(Payload::redis_ping()))
+}
+
+/// Waits for `n` events matching `want`, panicking on any other; returns their arrival times.
+fn expect_events(
+    engine: &Engine,
+    n: usize,
+    within: Duration,
+    want: impl Fn(&Event) -> bool,
+) -> Vec<Instant> {
+    let deadline = Instant::now() + within;
+    let mut at = Vec::new();
+    while at.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match engine.events().recv_timeout(left) {
+            Ok(e) if want(&e) => at.push(Instant::now()),
+            Ok(other) => panic!("unexpected event {other:?}"),
+            Err(_) => panic!("only {} of {n} expected events within {within:?}", at.len()),
+        }
+    }
+    at
+}
+
+/// A peer in its own process (`lull peer`), so it can be frozen with SIGSTOP while its kernel
+/// keeps answering at the TCP level. Returns the child and its answering port.
+fn peer_process() -> (std::process::Child, u16) {
+    let script =
+        r#"{"busy_every_ms":1000,"hang_ms":[3600000,3600000],"close_ms":[3600000,3600000]}"#;
+    let mut child = Command::new(lull_bin())
+        .args(["peer", "--script", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start a peer process");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .expect("the answering port");
+    (child, port)
+}
+
+both_sources!(a_frozen_peer_process_is_dead_within_the_bound);
+fn a_frozen_peer_process_is_dead_within_the_bound(source: Source) {
+    let _serial = serial();
+    let Some(engine) = engine("frozen peer", source, Engine::builder().capacity(1024)) else {
+        return;
+    };
+    let (mut peer, port) = peer_process();
+    let watched: Vec<_> = (0..200)
+        .map(|_| {
+            engine
+                .watch(TcpStream::connect(("127.0.0.1", port)).unwrap(), &policy())
+                .unwrap()
+        })
+        .collect();
+    // Let one probe round be answered, then freeze the peer application.
+    assert!(wait_until(Duration::from_secs(5), || watched
+        .iter()
+        .all(|w| w.stats().probes_answered >= 1)));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(peer.id() as libc::pid_t, libc::SIGSTOP) };
+    let frozen = Instant::now();
+    let bound = policy().detection_bound();
+    let at = expect_events(&engine, watched.len(), bound * 2, |e| {
+        matches!(e, Event::Dead { .. })
+    });
+    let mut latency: Vec<Duration> = at.iter().map(|t| t.duration_since(frozen)).collect();
+    latency.sort();
+    eprintln!(
+        "{source:?}: SIGSTOP -> dead: p50 {:?} p99 {:?} max {:?} (bound {bound:?})",
+        percentile(&latency, 50.0),
+        percentile(&latency, 99.0),
+        latency.last().unwrap()
+    );
+    assert!(*latency.last().unwrap() <= bound + Duration::from_millis(50));
+    // SAFETY: as above.
+    unsafe { libc::kill(peer.id() as libc::pid_t, libc::SIGCONT) };
+    let _ = peer.kill();
+    let _ = peer.wait();
+}
+
+/// A blackholed path with unacknowledged data in flight: `mode` picks what counts as activity.
+fn blackhole(source: Source, activity: ActivityMode, kernel: bool) {
+    let _serial = serial();
+    let name = "blackhole with unacked data";
+    let Some(pair) = NetnsPair::create(name) else {
+        return;
+    };
+    let Some(engine) = engine(name, source, Engine::builder().capacity(1024)) else {
+        return;
+    };
+    let listener = pair.within(&pair.b, || {
+        lull_tests::peers::listener((pair.addr_b, 0).into())
+    });
+    let peer = PeerServer::start_on(listener, Behaviour::Answer(b"+PONG\r\n"));
+    let addr = peer.addr();
+    let mut policy = policy().with_activity(activity);
+    if kernel {
+        policy = Policy::detect_dead(Duration::from_secs(1), Duration::from_secs(1), 2)
+            .with_probe(Probe::Kernel);
+    }
+    let mut watched: Vec<_> = pair
+        .within(&pair.a, || {
+            (0..50)
+                .map(|_| TcpStream::connect(addr).unwrap())
+                .collect::<Vec<_>>()
+        })
+        .into_iter()
+        .map(|s| engine.watch(s, &policy).unwrap())
+        .collect();
+    if !kernel {
+        assert!(wait_until(Duration::from_secs(5), || watched
+            .iter()
+            .all(|w| w.stats().probes_answered >= 1)));
+    }
+    pair.blackhole_b();
+    let blackholed = Instant::now();
+    // The application writes as the path dies: that data is never acknowledged, so it is
+    // retransmitted, and kernel keepalive would not even start while it is in flight.
+    for w in &mut watched {
+        w.set_nonblocking(true).unwrap();
+        let _ = w.write(&[b'x'; 32 * 1024]);
+    }
+    let bound = policy.detection_bound();
+    // Kernel mode: the kernel's own timers (jiffies) and the engine's 250 ms check slack.
+    let slack = if kernel {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_millis(50)
+    };
+    let at = expect_events(&engine, watched.len(), bound * 3, |e| {
+        if std::env::var_os("LULL_TEST_DEBUG").is_some() {
+            eprintln!("{:?} {e:?}", blackholed.elapsed());
+        }
+        matches!(e, Event::Dead { .. })
+    });
+    let worst = at
+        .iter()
+        .map(|t| t.duration_since(blackholed))
+        .max()
+        .unwrap();
+    eprintln!(
+        "{source:?} {activity:?} kernel={kernel}: blackhole -> dead, worst {worst:?} (bound {bound:?}); {:?}",
+        engine.stats()
+    );
+    assert!(
+        worst <= bound + slack,
+        "{source:?}: detection stalled: {worst:?} > {bound:?} + {slack:?}"
+    );
+}
+
+both_sources!(blackhole_with_unacked_data_rx_mode);
+fn blackhole_with_unacked_data_rx_mode(source: Source) {
+    blackhole(source, ActivityMode::RxOnly, false);
+}
+
+both_sources!(blackhole_with_unacked_data_rx_or_tx_mode);
+fn blackhole_with_unacked_data_rx_or_tx_mode(source: Source) {
+    // Retransmissions are not activity: they must not keep a dead path looking busy.
+    blackhole(source, ActivityMode::RxOrTx, false);
+}
+
+both_sources!(blackhole_with_unacked_data_kernel_mode);
+fn blackhole_with_unacked_data_kernel_mode(source: Source) {
+    // Keepalive never starts with data in flight; TCP_USER_TIMEOUT bounds it instead.
+    blackhole(source, ActivityMode::RxOnly, true);
+}
+
+both_sources!(local_half_close_is_closed_not_dead);
+fn local_half_close_is_closed_not_dead(source: Source) {
+    let _serial = serial();
+    let Some(engine) = engine("local half-close", source, Engine::builder().capacity(64)) else {
+        return;
+    };
+    let peer = PeerServer::start(Behaviour::Silent);
+    let watched: Vec<_> = peer
+        .connect(20)
+        .into_iter()
+        .map(|(s, _)| engine.watch(s, &policy()).unwrap())
+        .collect();
+    for w in &watched {
+        w.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+    let ids: HashSet<_> = watched.iter().map(|w| w.id()).collect();
+    expect_events(
+        &engine,
+        20,
+        IDLE * 2,
+        |e| matches!(e, Event::Closed { id, reason: CloseReason::LocalClose } if ids.contains(id)),
+    );
+    assert_eq!(
+        engine.stats().probes_sent,
+        0,
+        "a closing connection is not probed"
+    );
+}
+
+/// Records everything logged, so a test can count lines (the engine logs from its own thread,
+/// so this must be the process-wide subscriber).
+fn logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let writer = buf.clone();
+        tracing_subscriber::fmt()
+            .with_writer(move || SharedWriter(writer.clone()))
+            .with_ansi(false)
+            .init();
+        buf
+    })
+    .clone()
+}
+
+struct SharedWriter(Arc<Mutex<Vec<u8>>>);
+impl Write for SharedWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn detached_programs_switch_the_engine_to_tcp_info_without_losing_a_connection() {
+    let _serial = serial();
+    let logs = logs();
+    let name = "detached programs";
+    let Some(engine) = engine(name, Source::Ebpf, Engine::builder().capacity(1024)) else {
+        return;
+    };
+    let answering = PeerServer::start(Behaviour::Answer(b"+PONG\r\n"));
+    let silent = PeerServer::start(Behaviour::Silent);
+    let alive: Vec<_> = answering
+        .connect(200)
+        .into_iter()
+        .map(|(s, _)| engine.watch(s, &policy()).unwrap())
+        .collect();
+    let links = engine.source().link_ids();
+    assert_eq!(links.len(), 3);
+
+    // Another process detaches every link (as `bpftool link detach` would).
+    // SAFETY: the child only makes raw system calls and exits; it touches no locks.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        for id in &links {
+            let mut attr = [0u32; 4];
+            attr[0] = *id;
+            // SAFETY: BPF_LINK_GET_FD_BY_ID (30) and BPF_LINK_DETACH (34) with valid attrs.
+            unsafe {
+                let fd = libc::syscall(libc::SYS_bpf, 30, attr.as_mut_ptr(), 16);
+                let mut detach = [fd as u32, 0, 0, 0];
+                libc::syscall(libc::SYS_bpf, 34, detach.as_mut_ptr(), 16);
+            }
+        }
+        // SAFETY: ending the child without running the parent's destructors.
+        unsafe { libc::_exit(0) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+
+    assert!(
+        wait_until(Duration::from_secs(3), || engine.source_kind()
+            == SourceKind::TcpInfo),
+        "the engine must notice"
+    );
+    // Connections watched before still work, and the fallback still finds dead peers.
+    let dead: Vec<_> = silent
+        .connect(20)
+        .into_iter()
+        .map(|(s, _)| engine.watch(s, &policy()).unwrap())
+        .collect();
+    let ids: HashSet<_> = dead.iter().map(|w| w.id()).collect();
+    let before: u32 = alive.iter().map(|w| w.stats().probes_answered).sum();
+    expect_events(
+        &engine,
+        20,
+        policy().detection_bound() * 3,
+        |e| matches!(e, Event::Dead { id, .. } if ids.contains(id)),
+    );
+    let after: u32 = alive.iter().map(|w| w.stats().probes_answered).sum();
+    assert!(
+        after > before,
+        "answering connections are still probed and answered"
+    );
+    assert_eq!(engine.stats().watched, 220, "no connection was lost");
+    let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert_eq!(
+        text.matches("switching this engine to the TCP_INFO")
+            .count(),
+        1,
+        "logged once: {text}"
+    );
+}
+
+#[test]
+fn sigkill_leaves_nothing_behind_and_the_next_start_works() {
+    let _serial = serial();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(!ebpf_required(), "needs root");
+        eprintln!("SKIPPED sigkill_leaves_nothing_behind: needs root");
+        return;
+    }
+    let count = || {
+        aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("lull_")))
+            .count()
+    };
+    let before = count();
+    for round in 0..2 {
+        let mut child = Command::new(lull_bin())
+            .args([
+                "run",
+                "--conns",
+                "300",
+                "--duration",
+                "60s",
+                "--source",
+                "ebpf",
+                "--quiet",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start lull");
+        assert!(
+            wait_until(Duration::from_secs(10), || count() == before + 3),
+            "round {round}: attached"
+        );
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+        assert!(
+            wait_until(Duration::from_secs(5), || count() == before),
+            "round {round}: programs left behind"
+        );
+    }
+    // And a normal run still starts and finishes.
+    let out = Command::new(lull_bin())
+        .args([
+            "run",
+            "--conns",
+            "100",
+            "--duration",
+            "2s",
+            "--source",
+            "ebpf",
+            "--quiet",
+        ])
+        .args(["--hung", "0", "--closing", "0"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(TcpListener::bind("127.0.0.1:0").is_ok());
+}
