@@ -4,6 +4,7 @@
 //! a `bpf-linker` built against nightly's own LLVM, Debian packages used as real peers), so the
 //! README's two commands are all an operator or CI has to type.
 
+mod bench;
 mod build_ebpf;
 mod packages;
 mod run;
@@ -21,6 +22,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    Bench(bench::Options),
     BuildEbpf(build_ebpf::Options),
     Run(run::Options),
     Test(test::Options),
@@ -29,6 +31,7 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Bench(opts) => bench::run(&opts),
         Command::BuildEbpf(opts) => build_ebpf::run(&opts).map(|_| ()),
         Command::Run(opts) => run::run(&opts),
         Command::Test(opts) => test::run(&opts),

@@ -17,7 +17,7 @@ use crate::{
     clock::monotonic_ns,
     policy::{OnDead, Policy, Probe},
     probe::ring::{Completion, ProbeRing},
-    wheel::TimingWheel,
+    wheel::{Poll, TimingWheel},
 };
 
 use super::{
@@ -32,6 +32,8 @@ const HOUSEKEEPING_NS: u64 = 1_000_000_000;
 const MAX_FIRES_PER_TURN: u32 = 16_384;
 /// Expiries taken from the wheel and prefetched before any of them is handled.
 const PREFETCH_BATCH: usize = 32;
+/// Timers the wheel may re-file per call while cascading a slot.
+const CASCADE_BUDGET: usize = 4_096;
 /// Commands taken per turn: a burst of a million registrations must not starve the timers.
 const MAX_COMMANDS_PER_TURN: usize = 4_096;
 /// Wall time a turn may spend firing timers before it yields to commands and the next turn.
@@ -136,7 +138,11 @@ impl Worker {
         loop {
             let turn_start = monotonic_ns();
             let turn_cpu = thread_cpu_ns();
-            for _ in 0..MAX_COMMANDS_PER_TURN {
+            for n in 0..MAX_COMMANDS_PER_TURN {
+                // A registration burst gets at most a turn's budget before timers run again.
+                if n % 64 == 63 && monotonic_ns() - turn_start >= TURN_BUDGET_NS {
+                    break;
+                }
                 match self.commands.try_recv() {
                     Ok(Command::Shutdown) | Err(flume::TryRecvError::Disconnected) => return,
                     Ok(cmd) => self.handle(cmd),
@@ -347,9 +353,16 @@ impl Worker {
             let budget = (self.config.max_probes_per_tick - self.probes_this_tick.1)
                 .min(self.ring.room() / 2) as usize;
             let mut n = 0;
+            let mut idle = false;
             while n < budget.min(PREFETCH_BATCH) {
-                let Some(expired) = self.wheel.poll(tick) else {
-                    break;
+                let expired = match self.wheel.poll_within(tick, CASCADE_BUDGET) {
+                    Poll::Expired(expired) => expired,
+                    // A big cascade is done in pieces, so the turn's time limit holds.
+                    Poll::Yield => break,
+                    Poll::Idle => {
+                        idle = true;
+                        break;
+                    }
                 };
                 let local = expired.token;
                 // Every table this expiry will read, for all of the batch, before any of it is
@@ -366,9 +379,9 @@ impl Worker {
                 self.fire(local as usize, now);
             }
             fires += n as u32;
-            // Out of due timers, or out of this turn's time: commands and the next tick must
-            // not wait behind a herd.
-            if n < PREFETCH_BATCH || monotonic_ns() >= turn_deadline_ns {
+            // Out of due timers, out of probe budget, or out of this turn's time: commands and
+            // the next tick must not wait behind a herd.
+            if idle || budget == 0 || monotonic_ns() >= turn_deadline_ns {
                 break 'turn;
             }
         }

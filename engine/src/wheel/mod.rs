@@ -30,6 +30,10 @@
 //! cascades rather than one per rotation. It keeps its exact deadline throughout and never fires
 //! early; any `u64` deadline works.
 //!
+//! Cascading a slot re-files every timer in it; [`poll_within`](TimingWheel::poll_within)
+//! does that in pieces of bounded size, so a herd of timers due together never makes one call
+//! long.
+//!
 //! Insert, [`reset`](TimingWheel::reset), [`disarm`](TimingWheel::disarm) and
 //! [`remove`](TimingWheel::remove) are O(1); expiry is amortized O(1) per timer, cascades
 //! included. Expired timers come out in non-decreasing deadline order across ticks, each at the
@@ -60,7 +64,7 @@ mod proptests;
 mod tests;
 
 use level::{Expiration, Levels, level_for, slot_for};
-use slab::{PENDING, Slab, slot_list};
+use slab::{CASCADE, PENDING, Slab, slot_list};
 
 /// Bytes of wheel storage per timer, for benchmarks that report memory per timer.
 pub const ENTRY_BYTES: usize = size_of::<slab::Entry>();
@@ -90,6 +94,18 @@ pub struct Expired {
     pub token: u32,
     /// The deadline the timer was armed with, in ticks.
     pub deadline: u64,
+}
+
+/// What [`TimingWheel::poll_within`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Poll {
+    /// A timer that is due.
+    Expired(Expired),
+    /// Nothing more is due at `now`.
+    Idle,
+    /// The work budget ran out before anything due could be returned; call again (with the
+    /// same or a later `now`) to continue. Nothing is lost or reordered.
+    Yield,
 }
 
 /// A hierarchical timing wheel over ticks. See the [module docs](self).
@@ -220,7 +236,7 @@ impl TimingWheel {
     /// any deadline, but never later than the earliest one still ahead. It is at most `now()`
     /// when something is already due.
     pub fn next_expiration(&self) -> Option<u64> {
-        if !self.slab.is_list_empty(PENDING) {
+        if !self.slab.is_list_empty(PENDING) || !self.slab.is_list_empty(CASCADE) {
             return Some(self.elapsed);
         }
         self.levels
@@ -237,11 +253,29 @@ impl TimingWheel {
     /// the same or a later `now`; timers not yet returned stay armed (and can be disarmed, reset
     /// or removed in O(1) meanwhile) and come out first.
     pub fn poll(&mut self, now: u64) -> Option<Expired> {
+        loop {
+            match self.poll_within(now, usize::MAX) {
+                Poll::Expired(expired) => return Some(expired),
+                Poll::Idle => return None,
+                Poll::Yield => {}
+            }
+        }
+    }
+
+    /// Like [`poll`](Self::poll), but re-files at most `budget` timers while cascading before
+    /// it returns [`Poll::Yield`].
+    ///
+    /// Cascading a slot re-files every timer in it, and one slot of a wheel holding a herd of
+    /// timers due together can hold hundreds of thousands: a caller with a latency budget (the
+    /// engine's loop) uses this to do that work in pieces. While a slot is part-way through its
+    /// cascade, [`next_expiration`](Self::next_expiration) reports the wheel's current tick.
+    pub fn poll_within(&mut self, now: u64, budget: usize) -> Poll {
         self.now = self.now.max(now);
+        let mut budget = budget;
         loop {
             if let Some(index) = self.slab.pop_front(PENDING) {
                 let entry = self.slab.entry(index);
-                return Some(Expired {
+                return Poll::Expired(Expired {
                     key: TimerKey {
                         index,
                         generation: self.slab.generation(index),
@@ -250,11 +284,26 @@ impl TimingWheel {
                     deadline: entry.deadline,
                 });
             }
+            // A cascade under way is finished before any later slot is looked at: its timers
+            // may be due before the timers of that slot.
+            if !self.slab.is_list_empty(CASCADE) {
+                while budget > 0
+                    && let Some(index) = self.slab.pop_front(CASCADE)
+                {
+                    let deadline = self.slab.entry(index).deadline;
+                    self.link(index, deadline);
+                    budget -= 1;
+                }
+                if budget == 0 && !self.slab.is_list_empty(CASCADE) {
+                    return Poll::Yield;
+                }
+                continue;
+            }
             match self.levels.next_expiration(self.elapsed) {
                 Some(expiration) if expiration.deadline <= self.now => self.process(expiration),
                 _ => {
                     self.elapsed = self.now;
-                    return None;
+                    return Poll::Idle;
                 }
             }
         }
@@ -282,22 +331,22 @@ impl TimingWheel {
     fn unlink(&mut self, index: u32) {
         if let Some(list) = self.slab.unlink(index)
             && list != PENDING
+            && list != CASCADE
         {
             self.levels.vacate(list / level::SLOTS, list % level::SLOTS);
         }
     }
 
-    /// Moves the wheel to the start of `expiration`'s slot and re-files the slot's timers: the
-    /// due ones to the pending list, the rest into finer slots (or, for a far deadline, back into
-    /// the top level).
+    /// Moves the wheel to the start of `expiration`'s slot and hands the slot's timers to the
+    /// cascade list, from which [`poll_within`](Self::poll_within) re-files them: the due ones
+    /// to the pending list, the rest into finer slots (or, for a far deadline, back into the top
+    /// level). Moving the whole list first also matters for a top-level slot, whose far timers
+    /// go straight back into the same slot.
     fn process(&mut self, expiration: Expiration) {
         debug_assert!(expiration.deadline >= self.elapsed);
         self.elapsed = expiration.deadline;
         self.levels.vacate(expiration.level, expiration.slot);
-        let mut chain = self.slab.take(slot_list(expiration.level, expiration.slot));
-        while let Some(index) = chain.pop(&mut self.slab) {
-            let deadline = self.slab.entry(index).deadline;
-            self.link(index, deadline);
-        }
+        self.slab
+            .splice(slot_list(expiration.level, expiration.slot), CASCADE);
     }
 }

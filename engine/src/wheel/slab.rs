@@ -22,7 +22,12 @@ pub(crate) const MAX_ENTRIES: usize = HEAD_BASE as usize;
 /// The list of entries that are due and wait for `poll` to hand them out.
 pub(crate) const PENDING: usize = LEVELS * SLOTS;
 
-const LISTS: usize = PENDING + 1;
+/// The list of entries of a slot being cascaded, waiting to be re-filed. Kept as a real list
+/// (not a detached chain) so that cascading can stop part-way and entries still waiting can
+/// be disarmed, reset or removed in O(1) meanwhile.
+pub(crate) const CASCADE: usize = PENDING + 1;
+
+const LISTS: usize = CASCADE + 1;
 
 /// The list that holds `slot` of `level`.
 pub(crate) const fn slot_list(level: usize, slot: usize) -> usize {
@@ -226,51 +231,24 @@ impl Slab {
         Some(first)
     }
 
-    /// Empties `list` in O(1), handing its entries over as a [`Chain`].
-    ///
-    /// Detaching first matters: processing a top-level slot can put entries straight back into
-    /// the same slot, and walking the live list would then never end.
-    pub(crate) fn take(&mut self, list: usize) -> Chain {
-        let head = head_id(list);
+    /// Moves every entry of `from` to the end of `to`, in order, in O(1): only the two end
+    /// entries' links and the two heads change.
+    pub(crate) fn splice(&mut self, from: usize, to: usize) {
         let Head {
             prev: last,
             next: first,
-        } = self.heads[list];
-        self.heads[list] = Head {
-            prev: head,
-            next: head,
+        } = self.heads[from];
+        if first == head_id(from) {
+            return;
+        }
+        self.heads[from] = Head {
+            prev: head_id(from),
+            next: head_id(from),
         };
-        if first == head {
-            Chain {
-                next: NIL,
-                last: NIL,
-            }
-        } else {
-            Chain { next: first, last }
-        }
-    }
-}
-
-/// Entries detached from a list by [`Slab::take`], still counted as linked until popped.
-#[derive(Debug)]
-pub(crate) struct Chain {
-    next: u32,
-    last: u32,
-}
-
-impl Chain {
-    /// The next detached entry, now on no list.
-    pub(crate) fn pop(&mut self, slab: &mut Slab) -> Option<u32> {
-        if self.next == NIL {
-            return None;
-        }
-        let index = self.next;
-        let entry = &mut slab.entries[index as usize];
-        // The last entry's `next` still names the old head, so stop on `last` instead.
-        self.next = if index == self.last { NIL } else { entry.next };
-        entry.prev = NIL;
-        entry.next = NIL;
-        slab.linked -= 1;
-        Some(index)
+        let to_last = self.heads[to].prev;
+        self.set_next(to_last, first);
+        self.set_prev(first, to_last);
+        self.set_next(last, head_id(to));
+        self.heads[to].prev = last;
     }
 }

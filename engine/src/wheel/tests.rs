@@ -504,3 +504,48 @@ fn counts_track_every_operation() {
     assert_eq!((wheel.len(), wheel.armed()), (1, 0));
     assert!(!wheel.is_empty());
 }
+
+/// A herd in one slot is cascaded in pieces: every piece does at most the budget's work, a
+/// timer can be cancelled or re-armed while it waits in the cascade, and nothing is lost or
+/// comes out of order.
+#[test]
+fn a_herd_cascades_in_budgeted_pieces() {
+    let mut wheel = TimingWheel::new();
+    // 100k timers in one level-1 slot (ticks 4096..4160), inserted at tick 0.
+    let keys: Vec<TimerKey> = (0..100_000u32)
+        .map(|i| wheel.insert(4_096 + u64::from(i % 64), i))
+        .collect();
+    wheel.poll(4_000);
+    let (mut yields, mut fired, mut last) = (0, 0u32, 0u64);
+    let mut cancelled = false;
+    loop {
+        match wheel.poll_within(4_200, 1_000) {
+            Poll::Yield => {
+                yields += 1;
+                assert!(
+                    wheel.next_expiration().is_some_and(|t| t <= 4_200),
+                    "a cascade under way is due work"
+                );
+                if !cancelled {
+                    // These are still waiting in the cascade.
+                    assert!(wheel.disarm(keys[99_999]));
+                    assert!(wheel.reset(keys[99_998], 10_000));
+                    cancelled = true;
+                }
+            }
+            Poll::Expired(e) => {
+                assert!(e.deadline >= last, "in order");
+                last = e.deadline;
+                fired += 1;
+            }
+            Poll::Idle => break,
+        }
+    }
+    assert!(
+        yields >= 99,
+        "100k re-filings at 1000 per call: {yields} yields"
+    );
+    assert_eq!(fired, 99_998, "all but the disarmed and the re-armed one");
+    assert_eq!(wheel.deadline(keys[99_998]), Some(10_000));
+    assert_eq!(wheel.poll(10_000).map(|e| e.token), Some(99_998));
+}

@@ -1,0 +1,92 @@
+//! `cargo xtask bench`: every benchmark, its JSON and Markdown reports, charts and a summary.
+
+use std::{path::PathBuf, process::Command, time::Instant};
+
+use anyhow::{Context as _, Result, bail};
+use clap::Args;
+
+use crate::{
+    build_ebpf,
+    toolchain::{describe, run_checked, workspace_root},
+};
+
+/// The benchmarks, in the order they run (and their binaries in `benches/`).
+pub const BENCHES: &[&str] = &["wheel", "engine-sim", "probe-path", "ebpf-overhead", "real"];
+
+/// Run the benchmarks (all, or the ones named) and write their reports.
+///
+/// Each benchmark prints a table; the JSON and Markdown reports, the SVG charts and
+/// SUMMARY.md land in target/bench/. Benchmarks print figures: they never fail on timing.
+/// The full suite takes under 20 minutes here; --quick under 3.
+#[derive(Debug, Args)]
+pub struct Options {
+    /// Benchmarks to run: wheel, engine-sim, probe-path, ebpf-overhead, real (default: all).
+    pub names: Vec<String>,
+    /// Shorter runs: every benchmark at a smaller scale.
+    #[arg(long)]
+    pub quick: bool,
+}
+
+pub fn run(opts: &Options) -> Result<()> {
+    for name in &opts.names {
+        if !BENCHES.contains(&name.as_str()) {
+            bail!(
+                "unknown benchmark `{name}`; the benchmarks are: {}",
+                BENCHES.join(", ")
+            );
+        }
+    }
+    let names: Vec<&str> = if opts.names.is_empty() {
+        BENCHES.to_vec()
+    } else {
+        opts.names.iter().map(String::as_str).collect()
+    };
+    let root = workspace_root();
+    build_ebpf::run(&build_ebpf::Options { no_btf: false })?;
+    run_checked(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "--package",
+        "lull-benches",
+        "--bins",
+    ]))?;
+    let out = root.join("target/bench");
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let started = Instant::now();
+    for (i, name) in names.iter().enumerate() {
+        eprintln!(
+            "xtask bench: [{}/{}] {name} ({:.0?} so far)",
+            i + 1,
+            names.len(),
+            started.elapsed()
+        );
+        let mut cmd = Command::new(binary(name));
+        if opts.quick {
+            cmd.arg("--quick");
+        }
+        cmd.arg("--out").arg(&out).current_dir(&root);
+        run_checked(&mut cmd).with_context(|| format!("benchmark {name} failed"))?;
+    }
+    let command = format!(
+        "cargo xtask bench{}{}",
+        if opts.quick { " --quick" } else { "" },
+        if opts.names.is_empty() {
+            String::new()
+        } else {
+            format!(" {}", opts.names.join(" "))
+        }
+    );
+    let mut summary = Command::new(binary("bench-summary"));
+    summary.arg("--dir").arg(&out).args(["--command", &command]);
+    run_checked(&mut summary).with_context(|| format!("{} failed", describe(&summary)))?;
+    eprintln!(
+        "xtask bench: done in {:.0?}; reports, charts and SUMMARY.md in {}",
+        started.elapsed(),
+        out.display()
+    );
+    Ok(())
+}
+
+fn binary(name: &str) -> PathBuf {
+    workspace_root().join("target/release").join(name)
+}
