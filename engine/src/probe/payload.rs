@@ -232,3 +232,28 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 100_000, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// No probe name or `hex:` text panics the parser.
+        #[test]
+        fn any_text_parses_or_errs(text in "(hex:)?\\PC{0,140}") {
+            let _ = Payload::parse(&text);
+        }
+
+        /// Every payload up to the limit round-trips through its hex form, with any separators.
+        #[test]
+        fn hex_round_trips(bytes in prop::collection::vec(any::<u8>(), 1..=MAX_PAYLOAD), sep in prop::sample::select(vec!["", " ", ":", "_"])) {
+            let text: Vec<String> = bytes.iter().map(|b| format!("{b:02X}")).collect();
+            let parsed = Payload::parse(&format!("hex:{}", text.join(sep))).unwrap();
+            prop_assert_eq!(parsed.as_bytes(), &bytes[..]);
+        }
+    }
+}

@@ -492,3 +492,110 @@ fn parse_metrics_addr(text: &str) -> Result<SocketAddr> {
         .with_context(|| format!("`{text}`"))
         .map_err(|e| usage("--metrics", format!("{e:#}: expected ADDR:PORT or PORT")))
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! No input may panic the parsers: at least 100,000 cases each (a small budget: seconds).
+
+    use clap::Parser;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// `lull run` parsed on its own, as clap would.
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    /// Validation without the one check that touches the network.
+    fn validate_offline(mut args: RunArgs) {
+        args.connect = None;
+        let _ = args.validate();
+    }
+
+    const KEYS: &[&str] = &[
+        "conns",
+        "duration",
+        "idle",
+        "interval",
+        "count",
+        "jitter",
+        "mode",
+        "activity",
+        "on-dead",
+        "probe",
+        "min-probe-spacing",
+        "busy",
+        "hung",
+        "closing",
+        "mqtt-keepalive",
+        "http2",
+        "reconnect",
+        "engines",
+        "tick",
+        "max-probes-per-tick",
+        "source",
+        "cgroup",
+        "json",
+        "metrics",
+        "user",
+        "quiet",
+        "bogus",
+    ];
+
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<i64>().prop_map(|v| v.to_string()),
+            any::<f64>().prop_map(|v| v.to_string()),
+            "[0-9]{1,6}(ns|us|ms|s|m|h|d| |)".prop_map(|v| format!("\"{v}\"")),
+            "\\PC{0,12}".prop_map(|v| format!("{v:?}")),
+            prop::sample::select(vec![
+                "true",
+                "false",
+                "\"hex:0a0b\"",
+                "\"kernel\"",
+                "\"redis\"",
+                "[1, 2]",
+                "{}"
+            ])
+            .prop_map(str::to_string),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 100_000, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn durations_never_panic(text in "\\PC{0,24}") {
+            let _ = parse_duration(&text);
+        }
+
+        #[test]
+        fn config_files_never_panic(
+            lines in prop::collection::vec((prop::sample::select(KEYS), value()), 0..8),
+            junk in "\\PC{0,16}",
+        ) {
+            let mut doc: String = lines.iter().map(|(k, v)| format!("{k} = {v}\n")).collect();
+            doc.push_str(&junk);
+            if let Ok(args) = toml::from_str::<RunArgs>(&doc) {
+                validate_offline(args);
+            }
+        }
+
+        #[test]
+        fn command_lines_never_panic(
+            args in prop::collection::vec((prop::sample::select(KEYS), "\\PC{0,10}"), 0..6),
+        ) {
+            let mut argv = vec!["run".to_string()];
+            for (k, v) in args {
+                argv.push(format!("--{k}"));
+                argv.push(v);
+            }
+            if let Ok(cli) = Cli::try_parse_from(argv) {
+                validate_offline(cli.run);
+            }
+        }
+    }
+}
