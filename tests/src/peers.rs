@@ -70,8 +70,18 @@ impl PeerServer {
         Self::start_on(listener(([127, 0, 0, 1], 0).into()), behaviour)
     }
 
+    /// Starts a server that keeps no per-connection log, for runs that open connections by
+    /// the hundred thousand (the soak): its memory must not grow with them.
+    pub fn start_unlogged(behaviour: Behaviour) -> Self {
+        Self::start_with(listener(([127, 0, 0, 1], 0).into()), behaviour, false)
+    }
+
     /// Starts a server on a listener the caller bound (e.g. inside a network namespace).
     pub fn start_on(listener: std::net::TcpListener, behaviour: Behaviour) -> Self {
+        Self::start_with(listener, behaviour, true)
+    }
+
+    fn start_with(listener: std::net::TcpListener, behaviour: Behaviour, logged: bool) -> Self {
         let addr = listener.local_addr().expect("listener address");
         listener
             .set_nonblocking(true)
@@ -79,12 +89,19 @@ impl PeerServer {
         let logs: Logs = Arc::default();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         let thread_logs = logs.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name(format!("peer-{}", addr.port()))
             .spawn(move || {
-                tokio_uring::start(serve(listener, behaviour, thread_logs, stop_rx));
+                tokio_uring::start(async move {
+                    let _ = ready_tx.send(());
+                    serve(listener, behaviour, thread_logs, logged, stop_rx).await;
+                });
             })
             .expect("spawn the peer thread");
+        // Once the runtime is up, the server's own fds exist: callers that count fds (the
+        // soak) must see them before they start counting.
+        let _ = ready_rx.recv_timeout(std::time::Duration::from_secs(10));
         Self {
             addr,
             logs,
@@ -154,6 +171,7 @@ async fn serve(
     listener: std::net::TcpListener,
     behaviour: Behaviour,
     logs: Logs,
+    logged: bool,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     listener
@@ -167,12 +185,18 @@ async fn serve(
             _ = &mut stop => break,
             accepted = listener.accept() => {
                 let Ok((stream, remote)) = accepted else { continue };
-                logs.lock().unwrap_or_else(PoisonError::into_inner).insert(
-                    remote.port(),
-                    ConnLog { accepted: Instant::now(), reads: Vec::new() },
-                );
+                if logged {
+                    logs.lock().unwrap_or_else(PoisonError::into_inner).insert(
+                        remote.port(),
+                        ConnLog { accepted: Instant::now(), reads: Vec::new() },
+                    );
+                }
                 let task = tokio_uring::spawn(handle(stream, remote.port(), behaviour.clone(), logs.clone()));
-                held.borrow_mut().push(task);
+                let mut held = held.borrow_mut();
+                if held.len() % 1024 == 1023 {
+                    held.retain(|t| !t.is_finished());
+                }
+                held.push(task);
             }
         }
     }
@@ -231,8 +255,6 @@ async fn handle(stream: tokio_uring::net::TcpStream, port: u16, behaviour: Behav
             if reset {
                 set_linger_zero(stream.as_raw_fd());
             }
-            drop(stream);
-            std::future::pending::<()>().await
         }
     }
 }

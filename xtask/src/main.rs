@@ -8,6 +8,7 @@ mod bench;
 mod build_ebpf;
 mod packages;
 mod run;
+mod soak;
 mod test;
 mod toolchain;
 
@@ -25,6 +26,7 @@ enum Command {
     Bench(bench::Options),
     BuildEbpf(build_ebpf::Options),
     Run(run::Options),
+    Soak(soak::Options),
     Test(test::Options),
 }
 
@@ -34,6 +36,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(opts) => bench::run(&opts),
         Command::BuildEbpf(opts) => build_ebpf::run(&opts).map(|_| ()),
         Command::Run(opts) => run::run(&opts),
+        Command::Soak(opts) => soak::run(&opts),
         Command::Test(opts) => test::run(&opts),
     };
     match result {

@@ -6,12 +6,13 @@ use anyhow::{Context as _, Result};
 use clap::Args;
 
 use crate::{
-    build_ebpf, packages,
+    build_ebpf, packages, soak,
     toolchain::{is_root, run_checked, workspace_root},
 };
 
 /// Run every test: install the Debian packages the tests use as peers, build the BPF object,
-/// check formatting and lints, and run the unit, integration and property tests.
+/// check formatting and lints, run the unit, integration and property tests (the overload
+/// tests in a release build), and a one-minute churn soak.
 ///
 /// As root, the eBPF and network-namespace tests run; otherwise they are skipped with a
 /// message, unless LULL_REQUIRE_EBPF=1 (as in CI) turns that into a failure.
@@ -87,6 +88,8 @@ pub fn run(opts: &Options) -> Result<()> {
         "overload",
     ]))?;
 
-    step(5, "done");
+    step(5, "a one-minute churn soak");
+    soak::run(&soak::Options { minutes: 1.0 })?;
+    eprintln!("xtask test: all passed");
     Ok(())
 }
