@@ -10,7 +10,7 @@ use std::{fmt::Write as _, fs, path::Path};
 use serde::Serialize;
 
 /// A benchmark's results.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, serde::Deserialize)]
 pub struct BenchReport {
     /// Short name, also the output file stem (e.g. `ebpf-overhead`).
     pub name: String,
@@ -24,10 +24,32 @@ pub struct BenchReport {
     pub goals: Vec<Goal>,
     /// Free-form remarks: what the figures mean, what they leave out.
     pub notes: Vec<String>,
+    /// Data for charts: `cargo xtask bench` draws one SVG per distinct `chart`.
+    #[serde(default)]
+    pub series: Vec<Series>,
+}
+
+/// One line of a chart.
+#[derive(Debug, Default, Clone, Serialize, serde::Deserialize)]
+pub struct Series {
+    /// Chart file stem, e.g. `cpu-vs-connections`; series with the same chart share a plot.
+    pub chart: String,
+    /// The chart's title.
+    pub title: String,
+    /// Legend entry.
+    pub name: String,
+    /// Axis labels.
+    pub x_label: String,
+    /// Axis labels.
+    pub y_label: String,
+    /// Plot the x axis on a log scale.
+    pub log_x: bool,
+    /// (x, y) points.
+    pub points: Vec<(f64, f64)>,
 }
 
 /// One table of results.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, serde::Deserialize)]
 pub struct Table {
     /// Title shown above the table.
     pub title: String,
@@ -38,7 +60,7 @@ pub struct Table {
 }
 
 /// One goal from the issue tracker, with what was measured.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, serde::Deserialize)]
 pub struct Goal {
     /// What is measured, e.g. "round trips lost with the program attached".
     pub name: String,

@@ -1,0 +1,301 @@
+//! The report's tables: one row per strategy in each, figures absolute and as ratios to
+//! lull-ebpf (the notes are in `notes.rs`).
+
+use std::time::Duration;
+
+use lull_benches::{BenchReport, Table};
+
+use crate::{
+    Plan,
+    env::{Background, Environment},
+    proto::{Role, Strategy},
+    run::{Measured, Outcome, Status},
+};
+
+/// `values` at quantile `q` (nearest rank), or `None` if empty.
+fn quantile(values: &[f64], q: f64) -> Option<f64> {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len().max(1));
+    v.get(rank - 1).copied()
+}
+
+pub(crate) fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn caught(found: usize, of: u64) -> String {
+    if of == 0 {
+        "—".into()
+    } else {
+        format!("{found}/{of}")
+    }
+}
+
+fn latencies(ms: &[f64]) -> String {
+    match (quantile(ms, 0.5), quantile(ms, 0.99)) {
+        (Some(p50), Some(p99)) => format!("{p50:.0} / {p99:.0}"),
+        _ => "—".into(),
+    }
+}
+
+impl Measured {
+    pub(crate) fn hours(&self) -> f64 {
+        self.conns as f64 * self.window.as_secs_f64() / 3600.0
+    }
+
+    /// CPU per connection-hour, ms.
+    pub(crate) fn per_conn_hour(&self) -> f64 {
+        self.cpu.ours() / self.hours()
+    }
+
+    fn per_probe_us(&self) -> Option<f64> {
+        (self.probes > 0).then(|| self.cpu.ours() * 1e3 / self.probes as f64)
+    }
+
+    /// Kernel memory per connection: the slab caches that grew with the connections (less
+    /// `/proc` fd entries) if slabinfo could be read, the `Slab` line of /proc/meminfo
+    /// otherwise.
+    pub(crate) fn slab_per_conn(&self) -> f64 {
+        let bytes = self
+            .memory
+            .objects
+            .map_or(self.memory.slab, |(_, sockets)| sockets);
+        bytes as f64 / self.conns as f64
+    }
+}
+
+pub(crate) fn measured(outcome: &Outcome) -> Option<&Measured> {
+    match &outcome.status {
+        Status::Ran(m) => Some(m),
+        _ => None,
+    }
+}
+
+/// A row for a strategy that did not run: its name and why, then dashes.
+fn missing_row(outcome: &Outcome, columns: usize) -> Vec<String> {
+    let what = match &outcome.status {
+        Status::Unavailable(_) => "unavailable",
+        Status::Failed(_) => "failed",
+        Status::Ran(_) => "",
+    };
+    let mut row = vec![outcome.strategy.label().to_string(), what.to_string()];
+    row.resize(columns, "—".into());
+    row
+}
+
+pub fn build(
+    mut report: BenchReport,
+    plan: &Plan,
+    env: &Environment,
+    outcomes: &[Outcome],
+    backgrounds: &[Background],
+    backlog: Option<(u64, u64)>,
+    elapsed: Duration,
+) -> BenchReport {
+    let t = plan.timing;
+    let baseline = outcomes
+        .iter()
+        .find(|o| o.strategy == Strategy::LullEbpf)
+        .and_then(measured)
+        .map(Measured::per_conn_hour);
+    let window_s = plan.window.as_secs_f64();
+
+    let columns = [
+        "strategy",
+        "connections",
+        "probes sent",
+        "CPU ms",
+        "CPU µs/probe",
+        "CPU ms/conn-hour",
+        "vs lull-ebpf",
+        "hung caught",
+        "hung p50 / p99 ms",
+        "vanished caught",
+        "vanished p50 / p99 ms",
+        "kernel B/conn",
+    ];
+    let mut main = Table::new(
+        format!(
+            "keepalive over real loopback sockets: idle {} s, interval {} s, count {} (bound {} \
+             s), {window_s:.0} s window per strategy",
+            t.idle().as_secs_f64(),
+            t.interval().as_secs_f64(),
+            t.count,
+            t.bound().as_secs_f64(),
+        ),
+        &columns,
+    );
+    for outcome in outcomes {
+        let Some(m) = measured(outcome) else {
+            main.row(missing_row(outcome, columns.len()));
+            continue;
+        };
+        let ratio = match baseline {
+            Some(b) if b > 0.0 => format!("{:.2}x", m.per_conn_hour() / b),
+            _ => "—".into(),
+        };
+        main.row(vec![
+            outcome.strategy.label().into(),
+            thousands(m.conns),
+            thousands(m.probes),
+            format!("{:.0}", m.cpu.ours()),
+            m.per_probe_us().map_or("—".into(), |us| format!("{us:.1}")),
+            format!("{:.1}", m.per_conn_hour()),
+            ratio,
+            caught(m.hung_ms.len(), m.roles[Role::Hung.index()]),
+            latencies(&m.hung_ms),
+            caught(m.vanished_ms.len(), m.roles[Role::Vanishing.index()]),
+            latencies(&m.vanished_ms),
+            format!("{:.0}", m.slab_per_conn()),
+        ]);
+    }
+    report.tables.push(main);
+
+    let columns = [
+        "strategy",
+        "workers usr/sys ms",
+        "peers usr/sys ms",
+        "orchestrator ms",
+        "softirq in them ms",
+        "softirq on idle CPUs ms",
+        "softirq in other tasks ms",
+        "- background",
+        "= CPU ms",
+        "whole system ms",
+        "other processes ms",
+        "whole less others ms",
+    ];
+    let mut cpu = Table::new(
+        "where the CPU went over each window (CPU = the run's processes + softirq charged to \
+         anything else - that softirq's background; softirq in them is already in their times)",
+        &columns,
+    );
+    for outcome in outcomes {
+        let Some(m) = measured(outcome) else {
+            cpu.row(missing_row(outcome, columns.len()));
+            continue;
+        };
+        let c = &m.cpu;
+        let ms = |x: Option<f64>| x.map_or("—".into(), |x| format!("{x:.0}"));
+        let background = match c.softirq_elsewhere() {
+            Some((_, background)) => background,
+            None => c.background.whole_less_others * c.window_s,
+        };
+        cpu.row(vec![
+            outcome.strategy.label().into(),
+            format!("{:.0} / {:.0}", c.workers_user, c.workers_sys),
+            format!("{:.0} / {:.0}", c.peers_user, c.peers_sys),
+            format!("{:.0}", c.orchestrator),
+            ms(c.softirq(1).map(|s| s.0)),
+            ms(c.softirq(0).map(|s| s.0)),
+            ms(c.softirq(2).map(|s| s.0)),
+            format!("{background:.0}"),
+            format!("{:.0}", c.ours()),
+            format!("{:.0}", c.whole),
+            format!("{:.0}", c.others),
+            format!("{:.0}", c.whole_less_others()),
+        ]);
+    }
+    report.tables.push(cpu);
+
+    let columns = [
+        "strategy",
+        "probes/conn-hour",
+        "workers CPU µs/probe",
+        "worker wakeups/s",
+        "peer wakeups/s",
+        "TCP segments",
+        "segments/probe",
+        "backlog drops",
+    ];
+    let mut work = Table::new(
+        "the work over each window (workers are the client side, the part that stays on this \
+         host on a real network)",
+        &columns,
+    );
+    for outcome in outcomes {
+        let Some(m) = measured(outcome) else {
+            work.row(missing_row(outcome, columns.len()));
+            continue;
+        };
+        let per_probe = |x: f64| {
+            if m.probes > 0 {
+                format!("{:.1}", x / m.probes as f64)
+            } else {
+                "—".into()
+            }
+        };
+        let secs = m.window.as_secs_f64();
+        work.row(vec![
+            outcome.strategy.label().into(),
+            format!("{:.0}", m.probes as f64 / m.hours()),
+            per_probe((m.cpu.workers_user + m.cpu.workers_sys) * 1e3),
+            format!("{:.0}", m.wakeups.0 as f64 / secs),
+            format!("{:.0}", m.wakeups.1 as f64 / secs),
+            thousands(m.segments),
+            per_probe(m.segments as f64),
+            thousands(m.drops),
+        ]);
+    }
+    report.tables.push(work);
+
+    let columns = [
+        "strategy",
+        "Slab B/conn",
+        "SUnreclaim B/conn",
+        "slab objects B/conn",
+        "caches that grew with them",
+        "worker RSS B/conn",
+        "largest slab growth, B/conn",
+    ];
+    let mut mem = Table::new(
+        "memory per connection (growth from before the workers started to every connection up; \
+         a connection is both ends' sockets)",
+        &columns,
+    );
+    for outcome in outcomes {
+        let Some(m) = measured(outcome) else {
+            mem.row(missing_row(outcome, columns.len()));
+            continue;
+        };
+        let per = |b: i64| format!("{:.0}", b as f64 / m.conns as f64);
+        let top: Vec<String> = m
+            .memory
+            .top
+            .iter()
+            .filter(|(_, b)| *b > 0)
+            .map(|(name, b)| format!("{name} {}", per(*b)))
+            .collect();
+        mem.row(vec![
+            outcome.strategy.label().into(),
+            per(m.memory.slab),
+            per(m.memory.unreclaimable),
+            m.memory.objects.map_or("—".into(), |(all, _)| per(all)),
+            m.memory
+                .objects
+                .map_or("—".into(), |(_, sockets)| per(sockets)),
+            per(m.memory.rss),
+            top.join(", "),
+        ]);
+    }
+    report.tables.push(mem);
+
+    crate::notes::notes(
+        &mut report,
+        plan,
+        env,
+        outcomes,
+        (backgrounds, backlog),
+        elapsed,
+    );
+    report
+}
