@@ -281,7 +281,10 @@ impl Registration {
                         std::thread::yield_now();
                     }
                 }
-                _ => break,
+                // Released between the failed swap and this look: swap again. Leaving now
+                // would leave the slot `Live`, and the engine free to write to a closed fd.
+                Some(SlotState::Live) => {}
+                Some(SlotState::Dropped | SlotState::Free) | None => break,
             }
         }
         self.shared.source().detach(self.slot, fd);
