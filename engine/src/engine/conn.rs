@@ -117,7 +117,7 @@ pub(crate) struct CompiledPolicy {
     pub(crate) idle_ns: u64,
     pub(crate) interval_ns: u64,
     pub(crate) count: u32,
-    /// Largest random amount by which an arm is brought forward.
+    /// How much earlier than `idle` an idle arm may fire: the jitter window.
     pub(crate) jitter_ns: u64,
     pub(crate) mode: Mode,
     pub(crate) activity: ActivityMode,
@@ -155,55 +155,106 @@ impl CompiledPolicy {
     }
 }
 
+/// When to fire next: anywhere in `[at - early, at]`.
+///
+/// Idle arms may fire early by up to the policy's jitter: that slack is what spreads a herd of
+/// connections registered together, and what lets the engine put many arms on the same
+/// coarse tick (see the worker's coalescing). Arms that wait for an answer or count an interval
+/// have no slack: they fire exactly at `at`, so the dead-peer bound never grows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Arm {
+    pub(crate) at: u64,
+    pub(crate) early: u64,
+}
+
+impl Arm {
+    /// An arm with no slack.
+    pub(crate) const fn exact(at: u64) -> Self {
+        Self { at, early: 0 }
+    }
+
+    /// Whether `now` is inside the arm's window, or past it.
+    fn reached(self, now: u64) -> bool {
+        now >= self.at.saturating_sub(self.early)
+    }
+}
+
+/// `point` (a moment in `[lo, hi]`) moved onto the grid of `grid` ns counted from `origin`:
+/// the grid point at or below it if that is still in the window, else the one above it if
+/// that is, else `point` itself (a window narrower than the grid may hold no point).
+pub(crate) fn snap(point: u64, lo: u64, hi: u64, origin: u64, grid: u64) -> u64 {
+    if grid == 0 || point < origin {
+        return point;
+    }
+    let down = point - (point - origin) % grid;
+    if down >= lo {
+        down
+    } else if down + grid <= hi {
+        down + grid
+    } else {
+        point
+    }
+}
+
 /// What to do after a timer fired.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Verdict {
-    /// Nothing to send; re-arm at `at` (ns).
-    Rearm { at: u64 },
-    /// Send a probe now (it was counted into the state already), re-arm at `at`.
-    Probe { at: u64 },
-    /// The last probe was answered: `rtt` ns after it went out. Re-arm at `at`.
-    Answered { rtt: u64, at: u64 },
-    /// The peer is dead after `probes` unanswered probes and `silent` ns of silence. Re-arm at
-    /// `at` to watch for a revival, unless the policy acts on the socket.
-    Dead { silent: u64, probes: u32, at: u64 },
-    /// A dead connection received payload again. Re-arm at `at`.
-    Revived { at: u64 },
+    /// Nothing to send; re-arm.
+    Rearm(Arm),
+    /// Send a probe now (it was counted into the state already), and re-arm.
+    Probe(Arm),
+    /// The last probe was answered: `rtt` ns after it went out. Re-arm.
+    Answered { rtt: u64, next: Arm },
+    /// The peer is dead after `probes` unanswered probes and `silent` ns of silence. Re-arm
+    /// to watch for a revival, unless the policy acts on the socket (or `next.at` is `MAX`).
+    Dead { silent: u64, probes: u32, next: Arm },
+    /// A dead connection received payload again. Re-arm.
+    Revived(Arm),
     /// The connection closed.
     Closed(CloseReason),
 }
 
 /// The decision when `c`'s timer fires at `now`, given what the source saw.
 ///
+/// `base` is the start of the current tick (at most `now`): arms that count an interval from
+/// this moment count it from there, so that arms fired on a shared tick stay on shared ticks.
 /// `resolution` is how coarse the source's stamps are: payload stamped up to that long before
-/// a probe still answers it. `jitter` is this arm's random advance (at most
-/// `policy.jitter_ns`). Mutates `c` to the state the verdict leaves it in.
+/// a probe still answers it. Mutates `c` to the state the verdict leaves it in.
 pub(crate) fn decide(
     c: &mut ConnState,
     p: &CompiledPolicy,
     a: &Activity,
     now: u64,
+    base: u64,
     resolution: u64,
-    jitter: u64,
 ) -> Verdict {
     if a.closed() {
         c.set_phase(Phase::Inert);
         return Verdict::Closed(CloseReason::from_flags(a.flags));
     }
     let answered = a.last_rx_ns != 0 && a.last_rx_ns + resolution >= c.mark();
+    let idle_after = |last: u64| Arm {
+        at: last + p.idle_ns,
+        early: p.jitter_ns,
+    };
+    let interval = Arm::exact(base + p.interval_ns);
     match (p.mode, c.phase()) {
-        (_, Phase::Inert | Phase::Kernel) => Verdict::Rearm { at: u64::MAX },
+        (_, Phase::Inert | Phase::Kernel) => Verdict::Rearm(Arm::exact(u64::MAX)),
         (Mode::KeepWarm, _) => {
             // Our own probes are tx too, so this is "one probe per interval of tx silence";
             // the mark covers sources whose tx stamp is coarser than a probe.
-            let due = a.last_tx_ns.max(c.mark()) + p.interval_ns - jitter.min(p.interval_ns / 2);
-            if now < due {
-                Verdict::Rearm { at: due }
-            } else {
+            let due = Arm {
+                at: a.last_tx_ns.max(c.mark()) + p.interval_ns,
+                early: p.jitter_ns.min(p.interval_ns / 2),
+            };
+            if due.reached(now) {
                 c.set_mark(now);
-                Verdict::Probe {
-                    at: now + p.interval_ns,
-                }
+                Verdict::Probe(Arm {
+                    at: base + p.interval_ns,
+                    early: due.early,
+                })
+            } else {
+                Verdict::Rearm(due)
             }
         }
         (Mode::DetectDead, Phase::Watching) => {
@@ -211,21 +262,17 @@ pub(crate) fn decide(
                 ActivityMode::RxOnly => a.last_rx_ns,
                 ActivityMode::RxOrTx => a.last_rx_ns.max(a.last_tx_ns),
             };
-            let due = last + p.idle_ns - jitter;
-            if now < due {
-                return Verdict::Rearm { at: due };
+            let due = idle_after(last);
+            if !due.reached(now) {
+                return Verdict::Rearm(due);
             }
             if c.mark() != 0 && now < c.mark() + p.min_spacing_ns {
-                return Verdict::Rearm {
-                    at: c.mark() + p.min_spacing_ns,
-                };
+                return Verdict::Rearm(Arm::exact(c.mark() + p.min_spacing_ns));
             }
             c.set_phase(Phase::Probing);
             c.set_outstanding(1);
             c.set_mark(now);
-            Verdict::Probe {
-                at: now + p.interval_ns,
-            }
+            Verdict::Probe(interval)
         }
         (Mode::DetectDead, Phase::Probing) => {
             if answered {
@@ -238,15 +285,13 @@ pub(crate) fn decide(
                 });
                 return Verdict::Answered {
                     rtt,
-                    at: last + p.idle_ns - jitter,
+                    next: idle_after(last),
                 };
             }
             if c.outstanding() < p.count {
                 c.set_outstanding(c.outstanding() + 1);
                 c.set_mark(now);
-                return Verdict::Probe {
-                    at: now + p.interval_ns,
-                };
+                return Verdict::Probe(interval);
             }
             let probes = c.outstanding();
             c.set_phase(Phase::Dead);
@@ -254,19 +299,15 @@ pub(crate) fn decide(
             Verdict::Dead {
                 silent: now.saturating_sub(a.last_rx_ns),
                 probes,
-                at: now + p.interval_ns,
+                next: interval,
             }
         }
         (Mode::DetectDead, Phase::Dead) => {
             if answered {
                 c.set_phase(Phase::Watching);
-                Verdict::Revived {
-                    at: a.last_rx_ns + p.idle_ns - jitter,
-                }
+                Verdict::Revived(idle_after(a.last_rx_ns))
             } else {
-                Verdict::Rearm {
-                    at: now + p.interval_ns,
-                }
+                Verdict::Rearm(interval)
             }
         }
     }
@@ -305,7 +346,7 @@ pub(crate) fn decide_kernel(
         return Verdict::Dead {
             silent: now.saturating_sub(a.last_rx_ns),
             probes: u32::from(info.tcpi_probes).max(p.count),
-            at: u64::MAX,
+            next: Arm::exact(u64::MAX),
         };
     }
     let bits = a.flags | state.close_flags();
@@ -317,9 +358,9 @@ pub(crate) fn decide_kernel(
     // payload does.
     let last_ack = now.saturating_sub(u64::from(info.tcpi_last_ack_recv) * 1_000_000);
     let last = a.last_rx_ns.max(last_ack);
-    Verdict::Rearm {
-        at: (last + p.kernel_verdict_ns()).max(now) + KERNEL_VERDICT_SLACK_NS,
-    }
+    Verdict::Rearm(Arm::exact(
+        (last + p.kernel_verdict_ns()).max(now) + KERNEL_VERDICT_SLACK_NS,
+    ))
 }
 
 /// How long after the kernel could have given up the engine looks: its keepalive timer runs

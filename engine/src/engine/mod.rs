@@ -87,6 +87,7 @@ pub enum EngineError {
 pub struct EngineBuilder {
     capacity: u32,
     tick: Duration,
+    coalesce: Duration,
     max_probes_per_tick: u32,
     source: SourceChoice,
     cgroup: Option<PathBuf>,
@@ -99,6 +100,7 @@ impl Default for EngineBuilder {
         Self {
             capacity: 1 << 18,
             tick: Duration::from_millis(1),
+            coalesce: Duration::from_millis(8),
             max_probes_per_tick: 1024,
             source: SourceChoice::Auto,
             cgroup: None,
@@ -120,6 +122,16 @@ impl EngineBuilder {
     /// deadline.
     pub fn tick(mut self, tick: Duration) -> Self {
         self.tick = tick;
+        self
+    }
+
+    /// The coalescing grid (default 8 ms). An idle arm may fire anywhere in its jitter window;
+    /// the engine puts it on a point of this grid when the window holds one, so that
+    /// connections due around the same moment share one wake-up instead of waking the engine
+    /// every tick. Nothing fires later for it: arms that count an interval or wait for an
+    /// answer stay exact. `Duration::ZERO` (or the tick) turns it off.
+    pub fn coalesce(mut self, grid: Duration) -> Self {
+        self.coalesce = grid;
         self
     }
 
@@ -165,6 +177,12 @@ impl EngineBuilder {
             return Err(EngineError::Option {
                 field: "tick",
                 why: "must be between 10 µs and 1 s",
+            });
+        }
+        if self.coalesce > Duration::from_secs(10) {
+            return Err(EngineError::Option {
+                field: "coalesce",
+                why: "must be at most 10 s",
             });
         }
         if self.max_probes_per_tick == 0 || self.max_probes_per_tick > 32_768 {
@@ -255,8 +273,12 @@ impl EngineBuilder {
             thread_id: Default::default(),
         });
         let ring = ProbeRing::new(self.max_probes_per_tick).map_err(EngineError::Ring)?;
+        let tick_ns = u64::try_from(self.tick.as_nanos()).unwrap_or(1_000_000);
+        let grid_ns = u64::try_from(self.coalesce.as_nanos()).unwrap_or(0);
         let config = WorkerConfig {
-            tick_ns: u64::try_from(self.tick.as_nanos()).unwrap_or(1_000_000),
+            tick_ns,
+            // A whole number of ticks, so grid points are tick boundaries.
+            grid_ns: grid_ns / tick_ns * tick_ns,
             max_probes_per_tick: self.max_probes_per_tick,
             capacity: self.capacity,
         };

@@ -22,7 +22,9 @@ use crate::{
 
 use super::{
     CloseReason, ConnId, Event,
-    conn::{CompiledPolicy, ConnState, Phase, ProbeKind, Verdict, decide, decide_kernel},
+    conn::{
+        Arm, CompiledPolicy, ConnState, Phase, ProbeKind, Verdict, decide, decide_kernel, snap,
+    },
     shared::{Command, Shared},
 };
 
@@ -59,6 +61,8 @@ const DRAIN_BYTES: usize = 64 * 1024;
 pub(crate) struct WorkerConfig {
     pub(crate) tick_ns: u64,
     pub(crate) max_probes_per_tick: u32,
+    /// The coalescing grid (a whole number of ticks): arms with slack land on its points.
+    pub(crate) grid_ns: u64,
     /// Connections the engine may hold: the wheel and connection table reserve this much
     /// address space up front (touched only as connections arrive), so they never reallocate
     /// and never carry growth slack.
@@ -268,10 +272,23 @@ impl Worker {
             return;
         };
         let (phase, first) = match (p.probe, p.mode) {
-            (ProbeKind::Kernel, _) => (Phase::Kernel, now + p.kernel_verdict_ns()),
-            (_, crate::policy::Mode::KeepWarm) => (Phase::Watching, now + p.interval_ns),
-            _ => (Phase::Watching, now + p.idle_ns - self.jitter(&p)),
+            (ProbeKind::Kernel, _) => (Phase::Kernel, Arm::exact(now + p.kernel_verdict_ns())),
+            (_, crate::policy::Mode::KeepWarm) => (
+                Phase::Watching,
+                Arm {
+                    at: now + p.interval_ns,
+                    early: p.jitter_ns.min(p.interval_ns / 2),
+                },
+            ),
+            _ => (
+                Phase::Watching,
+                Arm {
+                    at: now + p.idle_ns,
+                    early: p.jitter_ns,
+                },
+            ),
         };
+        let first = self.place(first);
         let timer = self.wheel.insert(self.deadline_tick(first), local as u32);
         if self.conns.len() <= local {
             let free = ConnState::new(FREE_FD, timer, 0, Phase::Inert);
@@ -325,18 +342,30 @@ impl Worker {
         }
     }
 
-    /// A random advance for one arm, up to the policy's jitter.
-    fn jitter(&mut self, p: &CompiledPolicy) -> u64 {
-        if p.jitter_ns == 0 {
-            return 0;
+    /// Picks the moment an arm fires, in ns, inside its window `[at - early, at]`.
+    ///
+    /// A random point spreads connections that went idle together (a burst of registrations
+    /// does not probe in one tick, and stays spread). That point is then snapped down onto the
+    /// coalescing grid when the window allows, so connections due around the same time share
+    /// a wake-up of the engine: on a VM each wake-up costs tens of microseconds, and at a
+    /// million connections they would otherwise come every tick. Nothing fires later than
+    /// `at`, so no bound moves.
+    fn place(&mut self, arm: Arm) -> u64 {
+        if arm.early == 0 {
+            return arm.at;
         }
-        // xorshift64*: a different draw per arm, so a burst of registrations spreads out and
-        // stays spread.
+        let lo = arm.at.saturating_sub(arm.early);
+        // xorshift64*: a different draw per arm.
         self.rng ^= self.rng >> 12;
         self.rng ^= self.rng << 25;
         self.rng ^= self.rng >> 27;
         let r = self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 32;
-        ((u128::from(r) * u128::from(p.jitter_ns)) >> 32) as u64
+        let point = lo + ((u128::from(r) * u128::from(arm.early)) >> 32) as u64;
+        if self.config.grid_ns > self.config.tick_ns {
+            snap(point, lo, arm.at, self.start_ns, self.config.grid_ns)
+        } else {
+            point
+        }
     }
 
     /// Fires the timers due at `now`. Returns whether probe budget is left in this tick.
@@ -412,7 +441,7 @@ impl Worker {
             // The last probe went out short: finish it before anything else, or the stream
             // the peer parses is left with half a frame. It does not count as a probe.
             if let ProbeKind::Bytes(payload) = p.probe {
-                self.rearm(local, now + p.interval_ns);
+                self.rearm(local, Arm::exact(now + p.interval_ns));
                 queued = self.push_probe(local, c, payload);
             }
         }
@@ -445,17 +474,15 @@ impl Worker {
             Ok(a) => a,
             Err(err) => {
                 tracing::debug!(conn = %ConnId::from_slot(slot), "reading activity: {err}");
-                self.rearm(local, now + p.interval_ns);
+                self.rearm(local, Arm::exact(now + p.interval_ns));
                 return false;
             }
         };
-        let jitter = self.jitter(p);
+        let base = self.start_ns + self.tick_of(now) * self.config.tick_ns;
         let verdict = if c.phase() == Phase::Kernel {
             match fd.map(tcp_info) {
                 Some(Ok(info)) => decide_kernel(&mut self.conns[local], p, &activity, &info, now),
-                _ => Verdict::Rearm {
-                    at: now + p.interval_ns,
-                },
+                _ => Verdict::Rearm(Arm::exact(now + p.interval_ns)),
             }
         } else {
             decide(
@@ -463,8 +490,8 @@ impl Worker {
                 p,
                 &activity,
                 now,
+                base,
                 self.resolution_ns,
-                jitter,
             )
         };
         self.gauge(c.phase(), self.conns[local].phase());
@@ -483,13 +510,13 @@ impl Worker {
         let shared = self.shared.clone();
         let counters = &shared.counters;
         match verdict {
-            Verdict::Rearm { at } => {
+            Verdict::Rearm(at) => {
                 if before.phase() == Phase::Watching {
                     counters.wakeups_rearmed.fetch_add(1, Ordering::Relaxed);
                 }
                 self.rearm(local, at);
             }
-            Verdict::Probe { at } => {
+            Verdict::Probe(at) => {
                 self.rearm(local, at);
                 match p.probe {
                     ProbeKind::Bytes(payload) => {
@@ -502,14 +529,18 @@ impl Worker {
                     ProbeKind::Kernel => {}
                 }
             }
-            Verdict::Answered { rtt, at } => {
+            Verdict::Answered { rtt, next: at } => {
                 counters.probes_answered.fetch_add(1, Ordering::Relaxed);
                 if let Some(cell) = self.shared.stats.get(local) {
                     cell.add_answered(rtt);
                 }
                 self.rearm(local, at);
             }
-            Verdict::Dead { silent, probes, at } => {
+            Verdict::Dead {
+                silent,
+                probes,
+                next: at,
+            } => {
                 counters.dead.fetch_add(1, Ordering::Relaxed);
                 self.emit(Event::Dead {
                     id,
@@ -518,7 +549,7 @@ impl Worker {
                 });
                 let fd = borrow(self.conns[local].fd);
                 match (p.on_dead, fd) {
-                    (OnDead::Report, _) if at != u64::MAX => self.rearm(local, at),
+                    (OnDead::Report, _) if at.at != u64::MAX => self.rearm(local, at),
                     (OnDead::Shutdown, Some(fd)) => {
                         shutdown(fd);
                         self.make_inert(local);
@@ -530,7 +561,7 @@ impl Worker {
                     _ => self.make_inert(local),
                 }
             }
-            Verdict::Revived { at } => {
+            Verdict::Revived(at) => {
                 counters.revived.fetch_add(1, Ordering::Relaxed);
                 self.emit(Event::Revived { id });
                 self.rearm(local, at);
@@ -557,7 +588,8 @@ impl Worker {
         self.make_inert(local);
     }
 
-    fn rearm(&mut self, local: usize, at_ns: u64) {
+    fn rearm(&mut self, local: usize, arm: Arm) {
+        let at_ns = self.place(arm);
         let now_tick = self.wheel.now();
         let tick = self.deadline_tick(at_ns).max(now_tick + 1);
         let timer = self.conns[local].timer;
@@ -712,7 +744,7 @@ impl Worker {
                     .counters
                     .probes_deferred
                     .fetch_add(1, Ordering::Relaxed);
-                self.rearm(local, now + self.config.tick_ns);
+                self.rearm(local, Arm::exact(now + self.config.tick_ns));
             }
             e if e == -libc::EAGAIN || e == -libc::EWOULDBLOCK || e == 0 => {
                 // A full send buffer: not idle. Try again an interval later, uncounted.
@@ -721,7 +753,7 @@ impl Worker {
                     .counters
                     .probes_deferred
                     .fetch_add(1, Ordering::Relaxed);
-                self.rearm(local, now + policy.interval_ns);
+                self.rearm(local, Arm::exact(now + policy.interval_ns));
             }
             e if [
                 libc::EPIPE,
@@ -744,7 +776,7 @@ impl Worker {
                     std::io::Error::from_raw_os_error(-e)
                 );
                 self.restore(local, undo);
-                self.rearm(local, now + policy.interval_ns);
+                self.rearm(local, Arm::exact(now + policy.interval_ns));
             }
         }
     }

@@ -67,6 +67,19 @@ struct Case {
     after: (Phase, u32),
 }
 
+/// An idle arm: due `idle` after `last`, with the default 10% jitter (3 s) of slack.
+fn idle_arm(at: u64) -> Arm {
+    Arm { at, early: 3 * S }
+}
+
+/// A keep-warm arm for a 25 s interval: 10% jitter, 2.5 s of slack.
+fn warm_arm(at: u64) -> Arm {
+    Arm {
+        at,
+        early: 2_500 * MS,
+    }
+}
+
 #[test]
 fn decisions_follow_the_policy() {
     use ActivityMode::{RxOnly, RxOrTx};
@@ -80,7 +93,7 @@ fn decisions_follow_the_policy() {
             before: (Watching, 0, 0),
             seen: act(100 * S, 0),
             now: 110 * S,
-            want: Verdict::Rearm { at: 130 * S },
+            want: Verdict::Rearm(idle_arm(130 * S)),
             after: (Watching, 0),
         },
         Case {
@@ -90,7 +103,7 @@ fn decisions_follow_the_policy() {
             before: (Watching, 0, 0),
             seen: act(100 * S, 129 * S),
             now: 130 * S,
-            want: Verdict::Probe { at: 135 * S },
+            want: Verdict::Probe(Arm::exact(135 * S)),
             after: (Probing, 1),
         },
         Case {
@@ -100,7 +113,7 @@ fn decisions_follow_the_policy() {
             before: (Watching, 0, 0),
             seen: act(100 * S, 129 * S),
             now: 130 * S,
-            want: Verdict::Rearm { at: 159 * S },
+            want: Verdict::Rearm(idle_arm(159 * S)),
             after: (Watching, 0),
         },
         Case {
@@ -110,8 +123,28 @@ fn decisions_follow_the_policy() {
             before: (Watching, 0, 0),
             seen: act(100 * S, 100 * S),
             now: 130 * S,
-            want: Verdict::Probe { at: 135 * S },
+            want: Verdict::Probe(Arm::exact(135 * S)),
             after: (Probing, 1),
+        },
+        Case {
+            name: "inside the jitter window counts as idle: probe early, never late",
+            mode: DetectDead,
+            activity: RxOnly,
+            before: (Watching, 0, 0),
+            seen: act(100 * S, 0),
+            now: 127 * S,
+            want: Verdict::Probe(Arm::exact(132 * S)),
+            after: (Probing, 1),
+        },
+        Case {
+            name: "just before the jitter window: not yet",
+            mode: DetectDead,
+            activity: RxOnly,
+            before: (Watching, 0, 0),
+            seen: act(100 * S, 0),
+            now: 127 * S - 1,
+            want: Verdict::Rearm(idle_arm(130 * S)),
+            after: (Watching, 0),
         },
         Case {
             name: "answer after the probe: back to watching, rtt measured",
@@ -122,18 +155,18 @@ fn decisions_follow_the_policy() {
             now: 135 * S,
             want: Verdict::Answered {
                 rtt: 40 * MS,
-                at: 160 * S + 40 * MS,
+                next: idle_arm(160 * S + 40 * MS),
             },
             after: (Watching, 0),
         },
         Case {
-            name: "no answer: next probe",
+            name: "no answer: next probe, exactly an interval on",
             mode: DetectDead,
             activity: RxOnly,
             before: (Probing, 1, 130 * S),
             seen: act(100 * S, 130 * S),
             now: 135 * S,
-            want: Verdict::Probe { at: 140 * S },
+            want: Verdict::Probe(Arm::exact(140 * S)),
             after: (Probing, 2),
         },
         Case {
@@ -146,7 +179,7 @@ fn decisions_follow_the_policy() {
             want: Verdict::Dead {
                 silent: 45 * S,
                 probes: 3,
-                at: 150 * S,
+                next: Arm::exact(150 * S),
             },
             after: (Dead, 0),
         },
@@ -157,7 +190,7 @@ fn decisions_follow_the_policy() {
             before: (Dead, 0, 140 * S),
             seen: act(100 * S, 140 * S),
             now: 150 * S,
-            want: Verdict::Rearm { at: 155 * S },
+            want: Verdict::Rearm(Arm::exact(155 * S)),
             after: (Dead, 0),
         },
         Case {
@@ -167,7 +200,7 @@ fn decisions_follow_the_policy() {
             before: (Dead, 0, 140 * S),
             seen: act(151 * S, 140 * S),
             now: 155 * S,
-            want: Verdict::Revived { at: 181 * S },
+            want: Verdict::Revived(idle_arm(181 * S)),
             after: (Watching, 0),
         },
         Case {
@@ -190,7 +223,7 @@ fn decisions_follow_the_policy() {
             before: (Watching, 0, 0),
             seen: act(0, 100 * S),
             now: 110 * S,
-            want: Verdict::Rearm { at: 125 * S },
+            want: Verdict::Rearm(warm_arm(125 * S)),
             after: (Watching, 0),
         },
         Case {
@@ -200,7 +233,7 @@ fn decisions_follow_the_policy() {
             before: (Watching, 0, 0),
             seen: act(124 * S, 100 * S),
             now: 125 * S,
-            want: Verdict::Probe { at: 150 * S },
+            want: Verdict::Probe(warm_arm(150 * S)),
             after: (Watching, 0),
         },
         Case {
@@ -210,7 +243,7 @@ fn decisions_follow_the_policy() {
             before: (Watching, 0, 125 * S),
             seen: act(0, 100 * S),
             now: 126 * S,
-            want: Verdict::Rearm { at: 150 * S },
+            want: Verdict::Rearm(warm_arm(150 * S)),
             after: (Watching, 0),
         },
     ];
@@ -218,21 +251,21 @@ fn decisions_follow_the_policy() {
         let p = policy(case.mode, case.activity);
         let (phase, outstanding, mark) = case.before;
         let mut c = conn(phase, outstanding, mark);
-        let got = decide(&mut c, &p, &case.seen, case.now, 0, 0);
+        let got = decide(&mut c, &p, &case.seen, case.now, case.now, 0);
         assert_eq!(got, case.want, "{}", case.name);
         assert_eq!((c.phase(), c.outstanding()), case.after, "{}", case.name);
     }
 }
 
 #[test]
-fn jitter_only_brings_arms_forward() {
+fn intervals_count_from_the_start_of_the_tick() {
+    // Probes fired together on one tick are checked together on one later tick, however late
+    // in the tick each was handled.
     let p = policy(Mode::DetectDead, ActivityMode::RxOnly);
     let mut c = conn(Phase::Watching, 0, 0);
-    let got = decide(&mut c, &p, &act(100 * S, 0), 110 * S, 0, 3 * S);
-    assert_eq!(got, Verdict::Rearm { at: 127 * S });
-    // With the jitter drawn, a probe may go out before idle has fully passed, never after.
-    let got = decide(&mut c, &p, &act(100 * S, 0), 127 * S, 0, 3 * S);
-    assert_eq!(got, Verdict::Probe { at: 132 * S });
+    let got = decide(&mut c, &p, &act(100 * S, 0), 130 * S + 700_000, 130 * S, 0);
+    assert_eq!(got, Verdict::Probe(Arm::exact(135 * S)));
+    assert_eq!(c.mark(), 130 * S + 700_000, "the probe's own time is exact");
 }
 
 #[test]
@@ -243,15 +276,15 @@ fn min_probe_spacing_defers_the_next_round() {
         0,
     );
     let mut c = conn(Phase::Watching, 0, 125 * S);
-    let got = decide(&mut c, &p, &act(100 * S, 0), 130 * S, 0, 0);
+    let got = decide(&mut c, &p, &act(100 * S, 0), 130 * S, 130 * S, 0);
     assert_eq!(
         got,
-        Verdict::Rearm { at: 135 * S },
+        Verdict::Rearm(Arm::exact(135 * S)),
         "last probe was 5 s ago"
     );
     assert_eq!(c.phase(), Phase::Watching);
-    let got = decide(&mut c, &p, &act(100 * S, 0), 135 * S, 0, 0);
-    assert_eq!(got, Verdict::Probe { at: 145 * S });
+    let got = decide(&mut c, &p, &act(100 * S, 0), 135 * S, 135 * S, 0);
+    assert_eq!(got, Verdict::Probe(Arm::exact(145 * S)));
 }
 
 #[test]
@@ -262,12 +295,12 @@ fn coarse_sources_count_an_answer_stamped_just_before_the_probe() {
     let mut c = conn(Phase::Probing, 1, 130 * S);
     let seen = act(130 * S - 3 * MS, 0);
     assert!(matches!(
-        decide(&mut c, &p, &seen, 135 * S, 0, 0),
-        Verdict::Probe { .. }
+        decide(&mut c, &p, &seen, 135 * S, 135 * S, 0),
+        Verdict::Probe(_)
     ));
     let mut c = conn(Phase::Probing, 1, 130 * S);
     assert!(matches!(
-        decide(&mut c, &p, &seen, 135 * S, 11 * MS, 0),
+        decide(&mut c, &p, &seen, 135 * S, 135 * S, 11 * MS),
         Verdict::Answered { .. }
     ));
 }
@@ -294,9 +327,7 @@ fn kernel_mode_reports_the_kernels_verdict() {
         (
             0,
             tcp_info(1, 0, 1_000),
-            Verdict::Rearm {
-                at: 215 * S + 250 * MS,
-            },
+            Verdict::Rearm(Arm::exact(215 * S + 250 * MS)),
         ),
         (
             flags::STATE_CLOSE,
@@ -304,7 +335,7 @@ fn kernel_mode_reports_the_kernels_verdict() {
             Verdict::Dead {
                 silent: 100 * S,
                 probes: 3,
-                at: u64::MAX,
+                next: Arm::exact(u64::MAX),
             },
         ),
         (
@@ -313,7 +344,7 @@ fn kernel_mode_reports_the_kernels_verdict() {
             Verdict::Dead {
                 silent: 100 * S,
                 probes: 3,
-                at: u64::MAX,
+                next: Arm::exact(u64::MAX),
             },
         ),
         (
@@ -335,5 +366,27 @@ fn kernel_mode_reports_the_kernels_verdict() {
             "{bits:#x} {}",
             info.tcpi_state
         );
+    }
+}
+
+#[test]
+fn snapping_stays_inside_the_window() {
+    // (point, lo, hi, origin, grid) -> where it fires
+    let cases = [
+        (1_005, 1_000, 1_010, 0, 8, 1_000), // down onto 1000, inside
+        (1_012, 1_010, 1_030, 0, 8, 1_016), // 1008 is below lo: up to 1016
+        (1_011, 1_009, 1_015, 0, 8, 1_011), // no grid point in [1009, 1015]
+        (1_011, 1_009, 1_016, 0, 8, 1_016), // the upper edge is still inside
+        (1_005, 1_000, 1_010, 3, 8, 1_003), // the grid starts at the origin
+        (1_005, 1_000, 1_010, 0, 0, 1_005), // no grid
+        (2, 0, 10, 5, 8, 2),                // before the origin
+    ];
+    for (point, lo, hi, origin, grid, want) in cases {
+        let got = snap(point, lo, hi, origin, grid);
+        assert_eq!(
+            got, want,
+            "snap({point}, [{lo}, {hi}], origin {origin}, grid {grid})"
+        );
+        assert!((lo..=hi).contains(&got));
     }
 }
