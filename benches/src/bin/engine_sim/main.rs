@@ -91,6 +91,9 @@ struct Args {
     /// lull's tick (the engine default is 1 ms).
     #[arg(long, default_value = "1ms", value_parser = humantime::parse_duration)]
     tick: Duration,
+    /// lull's wake-up coalescing grid (the engine default is 8 ms; 0 turns it off).
+    #[arg(long, default_value = "8ms", value_parser = humantime::parse_duration)]
+    coalesce: Duration,
     /// Workload seed.
     #[arg(long, default_value_t = 7)]
     seed: u64,
@@ -154,6 +157,7 @@ fn scenario(args: &Args, n: u32, msgs: u32, window: Duration) -> Result<Outcome>
     let engine = Engine::builder()
         .capacity(n)
         .tick(args.tick)
+        .coalesce(args.coalesce)
         .max_probes_per_tick(4096)
         .source(SourceChoice::Custom(sim.clone()))
         .build()
