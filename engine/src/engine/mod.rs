@@ -255,7 +255,7 @@ impl EngineBuilder {
         events_tx: flume::Sender<Event>,
         events_rx: flume::Receiver<Event>,
     ) -> Result<Engine, EngineError> {
-        let (commands_tx, commands_rx) = flume::unbounded();
+        let (commands_tx, commands_rx) = crossbeam_channel::unbounded();
         let grace = if source.detach_needs_grace() {
             Grace::Rcu
         } else {
@@ -376,7 +376,8 @@ impl Engine {
         now_ns: u64,
     ) -> Result<Registration, WatchError> {
         let shared = &self.shared;
-        if shared.commands.is_disconnected() {
+        // The thread owns the command receiver: once it has finished, nothing reads commands.
+        if self.thread.as_ref().is_none_or(JoinHandle::is_finished) {
             return Err(WatchError::EngineStopped);
         }
         if let (Some(fd), Probe::Kernel) = (fd, &policy.probe) {

@@ -118,7 +118,7 @@ pub(crate) struct Shared {
     /// Per-slot statistics, indexed by local slot index.
     pub(crate) stats: Box<[ConnStatsCell]>,
     pub(crate) counters: Counters,
-    pub(crate) commands: flume::Sender<Command>,
+    pub(crate) commands: crossbeam_channel::Sender<Command>,
     pub(crate) events: flume::Sender<Event>,
     /// The source in use; replaced if the eBPF source fails at run time.
     pub(crate) source: RwLock<Arc<dyn ActivitySource>>,

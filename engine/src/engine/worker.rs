@@ -71,7 +71,7 @@ pub(crate) struct WorkerConfig {
 
 pub(crate) struct Worker {
     shared: Arc<Shared>,
-    commands: flume::Receiver<Command>,
+    commands: crossbeam_channel::Receiver<Command>,
     source: Arc<dyn ActivitySource>,
     resolution_ns: u64,
     wheel: TimingWheel,
@@ -98,7 +98,7 @@ pub(crate) struct Worker {
 impl Worker {
     pub(crate) fn new(
         shared: Arc<Shared>,
-        commands: flume::Receiver<Command>,
+        commands: crossbeam_channel::Receiver<Command>,
         ring: ProbeRing,
         config: WorkerConfig,
     ) -> Self {
@@ -148,9 +148,11 @@ impl Worker {
                     break;
                 }
                 match self.commands.try_recv() {
-                    Ok(Command::Shutdown) | Err(flume::TryRecvError::Disconnected) => return,
+                    Ok(Command::Shutdown) | Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                        return;
+                    }
                     Ok(cmd) => self.handle(cmd),
-                    Err(flume::TryRecvError::Empty) => break,
+                    Err(crossbeam_channel::TryRecvError::Empty) => break,
                 }
             }
             let now = monotonic_ns();
@@ -177,9 +179,11 @@ impl Worker {
             }
             let deadline = Instant::now() + Duration::from_nanos(wake_ns - now);
             match self.commands.recv_deadline(deadline) {
-                Ok(Command::Shutdown) | Err(flume::RecvTimeoutError::Disconnected) => return,
+                Ok(Command::Shutdown) | Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    return;
+                }
                 Ok(cmd) => self.handle(cmd),
-                Err(flume::RecvTimeoutError::Timeout) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
             }
         }
     }

@@ -393,6 +393,7 @@ fn main() -> Result<()> {
             y_label: "CPU, % of one core".into(),
             log_x: true,
             points,
+            lines_only: false,
         });
     }
     if let Some(o) = outcomes
@@ -425,6 +426,22 @@ fn main() -> Result<()> {
         report.notes.push(format!(
             "The simulator thread (playing the kernel and the network) used {:.2}% of a core; it is charged to neither strategy. In eBPF mode the kernel's per-packet stamping costs what `ebpf-overhead` measures, on the packets themselves.",
             o.sim_cpu_pct
+        ));
+    }
+    let at = |n: u32| {
+        outcomes
+            .iter()
+            .find(|o| o.n == n && o.msgs == args.msgs)
+            .map(|o| o.lull.bytes_per_conn * f64::from(n))
+    };
+    if let (Some(small), Some(large)) = (at(1_000_000), at(10_000_000)) {
+        let marginal = (large - small) / 9e6;
+        let fixed = small - marginal * 1e6;
+        report.notes.push(format!(
+            "Memory split: between 1M and 10M connections lull's heap grew {marginal:.1} B per \
+             added connection, so at 1M the figure above is {marginal:.1} B x 1M plus {:.0} KB \
+             that does not grow with connections (io_uring ring, wheel levels, channels).",
+            fixed / 1e3
         ));
     }
     report.notes.push(format!(
