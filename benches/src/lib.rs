@@ -46,6 +46,9 @@ pub struct Series {
     pub log_x: bool,
     /// (x, y) points.
     pub points: Vec<(f64, f64)>,
+    /// Draw the line without a marker at each point (for dense lines such as distributions).
+    #[serde(default)]
+    pub lines_only: bool,
 }
 
 /// One table of results.

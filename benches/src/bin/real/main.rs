@@ -63,9 +63,11 @@ struct RunArgs {
     /// Short run (under 90 s): 5,000 connections, idle 3 s, 12 s windows.
     #[arg(long)]
     quick: bool,
-    /// Connections per strategy [default: 60000, quick: 5000].
-    #[arg(long)]
-    conns: Option<u64>,
+    /// Connection counts to measure every strategy at, comma-separated; the detailed tables
+    /// are for the largest, the others add points to CPU against connection count
+    /// [default: 15000,60000; quick: 5000].
+    #[arg(long, value_delimiter = ',')]
+    conns: Vec<u64>,
     /// Most connections in one worker (and one peer) process; the fd limit is 20,000.
     #[arg(long, default_value_t = 15_000)]
     per_process: u64,
@@ -89,7 +91,10 @@ struct RunArgs {
 /// Everything a run does, decided up front.
 #[derive(Debug, Clone)]
 pub struct Plan {
+    /// Connections per strategy in this pass.
     pub conns: u64,
+    /// Every pass's connection count, ascending; the last is the detailed one.
+    pub sizes: Vec<u64>,
     pub per_process: u64,
     pub timing: Timing,
     /// Measurement window per strategy: a whole number of idle periods, so that every
@@ -123,11 +128,20 @@ impl Plan {
                 count: 3,
             }
         };
+        let mut sizes: Vec<u64> = if args.conns.is_empty() {
+            if quick {
+                vec![5_000]
+            } else {
+                vec![15_000, 60_000]
+            }
+        } else {
+            args.conns.iter().map(|&n| n.max(1)).collect()
+        };
+        sizes.sort_unstable();
+        sizes.dedup();
         Self {
-            conns: args
-                .conns
-                .unwrap_or(if quick { 5_000 } else { 60_000 })
-                .max(1),
+            conns: sizes.iter().copied().max().unwrap_or(1),
+            sizes,
             per_process: args.per_process.clamp(100, 19_000),
             timing,
             window: timing.idle() * 4,
@@ -145,6 +159,14 @@ impl Plan {
             },
             lull_tick: args.lull_tick,
             quick,
+        }
+    }
+
+    /// The same plan at another connection count.
+    fn with_conns(&self, conns: u64) -> Self {
+        Self {
+            conns,
+            ..self.clone()
         }
     }
 
@@ -184,11 +206,10 @@ fn orchestrate(args: &RunArgs) -> Result<()> {
     let report = BenchReport::new("real");
     let env = env::Environment::probe(netns, args.no_vanishing);
     eprintln!(
-        "real: {} connections per strategy in {} worker + {} peer processes; idle {:?}, \
+        "real: {:?} connections per strategy, at most {} per worker or peer process; idle {:?}, \
          interval {:?}, count {} (bound {:?}); {:?} window, hangs at +{:?}; {}",
-        plan.conns,
-        plan.processes(),
-        plan.processes(),
+        plan.sizes,
+        plan.per_process,
         plan.timing.idle(),
         plan.timing.interval(),
         plan.timing.count,
@@ -204,27 +225,42 @@ fn orchestrate(args: &RunArgs) -> Result<()> {
     // and the mean of the two taken off its figures.
     let mut backgrounds = vec![env::background(&plan, &env)?];
     say_background(backgrounds[0]);
-    let mut outcomes = Vec::new();
-    for &strategy in &plan.strategies {
-        let outcome = run::strategy(&plan, &env, strategy);
-        if let run::Status::Failed(why) | run::Status::Unavailable(why) = &outcome.status {
-            eprintln!("[{}] not measured: {why}", strategy.label());
+    let mut passes = Vec::new();
+    for (pass, &size) in plan.sizes.iter().enumerate() {
+        let plan = plan.with_conns(size);
+        if plan.sizes.len() > 1 {
+            eprintln!(
+                "real: pass {}/{}: {size} connections per strategy ({:.0?} so far)",
+                pass + 1,
+                plan.sizes.len(),
+                started.elapsed()
+            );
         }
-        outcomes.push(outcome);
-        let background = env::background(&plan, &env)?;
-        say_background(background);
-        backgrounds.push(background);
-    }
-    for (i, outcome) in outcomes.iter_mut().enumerate() {
-        if let run::Status::Ran(m) = &mut outcome.status {
-            m.cpu.background = env::Background::mean(backgrounds[i], backgrounds[i + 1]);
+        let mut outcomes = Vec::new();
+        for &strategy in &plan.strategies {
+            let before = backgrounds[backgrounds.len() - 1];
+            let mut outcome = run::strategy(&plan, &env, strategy);
+            if let run::Status::Failed(why) | run::Status::Unavailable(why) = &outcome.status {
+                eprintln!("[{}] not measured: {why}", strategy.label());
+            }
+            let background = env::background(&plan, &env)?;
+            say_background(background);
+            backgrounds.push(background);
+            if let run::Status::Ran(m) = &mut outcome.status {
+                m.cpu.background = env::Background::mean(before, background);
+            }
+            outcomes.push(outcome);
         }
+        passes.push(report::Pass {
+            conns: size,
+            outcomes,
+        });
     }
     let report = report::build(
         report,
         &plan,
         &env,
-        &outcomes,
+        &passes,
         &backgrounds,
         backlog.as_ref().map(|b| (b.before, b.now)),
         started.elapsed(),

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use lull_benches::{BenchReport, Table};
+use lull_benches::{BenchReport, Series, Table};
 
 use crate::{
     Plan,
@@ -92,15 +92,23 @@ fn missing_row(outcome: &Outcome, columns: usize) -> Vec<String> {
     row
 }
 
+/// Every strategy at one connection count.
+pub struct Pass {
+    pub conns: u64,
+    pub outcomes: Vec<Outcome>,
+}
+
 pub fn build(
     mut report: BenchReport,
     plan: &Plan,
     env: &Environment,
-    outcomes: &[Outcome],
+    passes: &[Pass],
     backgrounds: &[Background],
     backlog: Option<(u64, u64)>,
     elapsed: Duration,
 ) -> BenchReport {
+    // The detailed tables are for the largest pass, the last.
+    let outcomes: &[Outcome] = passes.last().map_or(&[], |p| &p.outcomes);
     let t = plan.timing;
     let baseline = outcomes
         .iter()
@@ -289,6 +297,9 @@ pub fn build(
     }
     report.tables.push(mem);
 
+    scaling(&mut report, plan, passes);
+    latency_distribution(&mut report, outcomes);
+
     crate::notes::notes(
         &mut report,
         plan,
@@ -298,4 +309,111 @@ pub fn build(
         elapsed,
     );
     report
+}
+
+/// CPU against connection count: a table and a chart, one line per strategy.
+fn scaling(report: &mut BenchReport, plan: &Plan, passes: &[Pass]) {
+    let columns = [
+        "strategy",
+        "connections",
+        "CPU ms",
+        "CPU, % of one core",
+        "CPU ms/conn-hour",
+        "vs lull-ebpf",
+    ];
+    let mut table = Table::new(
+        format!(
+            "CPU against connection count (same timing and mix at every count; {:.0} s window)",
+            plan.window.as_secs_f64()
+        ),
+        &columns,
+    );
+    let mut lines: Vec<(Strategy, Vec<(f64, f64)>)> = Vec::new();
+    for pass in passes {
+        let baseline = pass
+            .outcomes
+            .iter()
+            .find(|o| o.strategy == Strategy::LullEbpf)
+            .and_then(measured)
+            .map(Measured::per_conn_hour);
+        for outcome in &pass.outcomes {
+            let Some(m) = measured(outcome) else {
+                let mut row = missing_row(outcome, columns.len());
+                row[1] = thousands(pass.conns);
+                table.row(row);
+                continue;
+            };
+            let core_pct = m.cpu.ours() / (m.window.as_secs_f64() * 1e3) * 100.0;
+            let ratio = match baseline {
+                Some(b) if b > 0.0 => format!("{:.2}x", m.per_conn_hour() / b),
+                _ => "—".into(),
+            };
+            table.row(vec![
+                outcome.strategy.label().into(),
+                thousands(m.conns),
+                format!("{:.0}", m.cpu.ours()),
+                format!("{core_pct:.1}"),
+                format!("{:.1}", m.per_conn_hour()),
+                ratio,
+            ]);
+            match lines.iter_mut().find(|(s, _)| *s == outcome.strategy) {
+                Some((_, points)) => points.push((m.conns as f64, core_pct)),
+                None => lines.push((outcome.strategy, vec![(m.conns as f64, core_pct)])),
+            }
+        }
+    }
+    report.tables.push(table);
+    for (strategy, points) in lines {
+        report.series.push(Series {
+            chart: "real-cpu-vs-connections".into(),
+            title: "Whole-system CPU against connection count, real loopback sockets".into(),
+            name: strategy.label().into(),
+            x_label: "connections (both ends on this host)".into(),
+            y_label: "CPU, % of one core".into(),
+            log_x: true,
+            points,
+            lines_only: false,
+        });
+    }
+}
+
+/// Most points a distribution line keeps: enough for its shape, few enough for an SVG.
+const CDF_POINTS: usize = 200;
+
+/// The detection-latency distribution: for each strategy, the fraction of all dead peers
+/// (hung and vanished together) reported by each time after they died. A strategy that cannot
+/// see hung peers levels off at their share.
+fn latency_distribution(report: &mut BenchReport, outcomes: &[Outcome]) {
+    for outcome in outcomes {
+        let Some(m) = measured(outcome) else { continue };
+        let dead = m.roles[Role::Hung.index()] + m.roles[Role::Vanishing.index()];
+        if dead == 0 {
+            continue;
+        }
+        let mut ms: Vec<f64> = m.hung_ms.iter().chain(&m.vanished_ms).copied().collect();
+        ms.sort_by(f64::total_cmp);
+        let step = ms.len().div_ceil(CDF_POINTS).max(1);
+        let mut points: Vec<(f64, f64)> = ms
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % step == 0 || *i + 1 == ms.len())
+            .map(|(i, &t)| (t, (i + 1) as f64 / dead as f64))
+            .collect();
+        points.insert(0, (0.0, 0.0));
+        report.series.push(Series {
+            chart: "real-detection-latency".into(),
+            title: "Dead peers reported, by time since they died (hung + vanished)".into(),
+            name: format!(
+                "{} ({}/{} caught)",
+                outcome.strategy.label(),
+                ms.len(),
+                dead
+            ),
+            x_label: "ms since the peer hung or vanished".into(),
+            y_label: "fraction of dead peers reported".into(),
+            log_x: false,
+            points,
+            lines_only: true,
+        });
+    }
 }

@@ -110,6 +110,8 @@ fn draw(path: &std::path::Path, series: &[Series]) -> Result<()> {
             let mut chart = $chart;
             chart
                 .configure_mesh()
+                .x_label_formatter(&|x| axis_number(*x))
+                .y_label_formatter(&|y| axis_number(*y))
                 .x_desc(first.x_label.as_str())
                 .y_desc(first.y_label.as_str())
                 .draw()?;
@@ -119,7 +121,10 @@ fn draw(path: &std::path::Path, series: &[Series]) -> Result<()> {
                     .draw_series(LineSeries::new(s.points.iter().copied(), color))?
                     .label(s.name.as_str())
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
-                chart.draw_series(s.points.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+                if !s.lines_only {
+                    chart
+                        .draw_series(s.points.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+                }
             }
             chart
                 .configure_series_labels()
@@ -130,10 +135,27 @@ fn draw(path: &std::path::Path, series: &[Series]) -> Result<()> {
         }};
     }
     if first.log_x {
-        plot!(builder.build_cartesian_2d((x0.max(1e-9)..x1 * 1.2).log_scale(), 0.0..y1)?);
+        // Whole decades, so that the axis always has labelled powers of ten on it.
+        let x0 = 10f64.powf(x0.max(1e-9).log10().floor());
+        let x1 = 10f64.powf(x1.max(x0).log10().ceil()).max(x0 * 10.0);
+        plot!(builder.build_cartesian_2d((x0..x1).log_scale(), 0.0..y1)?);
     } else {
         plot!(builder.build_cartesian_2d(x0..x1, 0.0..y1)?);
     }
     root.present()?;
     Ok(())
+}
+
+/// An axis label: no decimals where the value is whole, thousands as `k` and millions as `M`.
+fn axis_number(v: f64) -> String {
+    let a = v.abs();
+    if a >= 1e6 && (v / 1e6).fract() == 0.0 {
+        format!("{:.0}M", v / 1e6)
+    } else if a >= 1e4 && (v / 1e3).fract() == 0.0 {
+        format!("{:.0}k", v / 1e3)
+    } else if v.fract() == 0.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}").trim_end_matches('0').to_string()
+    }
 }
