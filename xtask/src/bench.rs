@@ -1,6 +1,10 @@
 //! `cargo xtask bench`: every benchmark, its JSON and Markdown reports, charts and a summary.
 
-use std::{path::PathBuf, process::Command, time::Instant};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
 
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
@@ -25,6 +29,9 @@ pub struct Options {
     /// Shorter runs: every benchmark at a smaller scale.
     #[arg(long)]
     pub quick: bool,
+    /// Also copy the reports and charts to docs/bench/, the figures BENCHMARKS.md quotes.
+    #[arg(long)]
+    pub publish: bool,
 }
 
 pub fn run(opts: &Options) -> Result<()> {
@@ -84,6 +91,32 @@ pub fn run(opts: &Options) -> Result<()> {
         started.elapsed(),
         out.display()
     );
+    if opts.publish {
+        publish(&out, &root.join("docs/bench"))?;
+    }
+    Ok(())
+}
+
+/// Copies this run's reports and charts over the published ones. The whole directory is
+/// replaced, so a benchmark left out of this run cannot leave figures from an older run
+/// beside the new ones.
+fn publish(from: &Path, to: &Path) -> Result<()> {
+    if to.exists() {
+        std::fs::remove_dir_all(to).with_context(|| format!("removing {}", to.display()))?;
+    }
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let path = entry?.path();
+        let wanted = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| matches!(e, "md" | "json" | "svg"));
+        if wanted && let Some(name) = path.file_name() {
+            std::fs::copy(&path, to.join(name))
+                .with_context(|| format!("copying {} to {}", path.display(), to.display()))?;
+        }
+    }
+    eprintln!("xtask bench: published to {}", to.display());
     Ok(())
 }
 

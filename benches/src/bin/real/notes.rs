@@ -221,12 +221,15 @@ pub fn notes(
              send alike (about the same count, one write and one read each, and the peer's \
              answer). lull's laziness pays on busy connections, which here are {busy} carrying a \
              byte every idle/4: the tokio engine resets {:.0} timers a second for them, which \
-             costs little next to the probes. What separates the two here is wakeups (a \
-             voluntary context switch costs tens of µs on this VM): lull's engine sleeps until \
-             its next due timer at a {} tick, so with a probe due nearly every ms it wakes about \
-             {lull_rate:.0} times a second per engine ({lull}), and its peer with it; tokio's \
-             timer driver parks in epoll_wait with the timeout rounded up to whole ms and wakes \
-             about {tokio_rate:.0} times a second per runtime, sending more probes per wakeup. \
+             costs little next to the probes. So lull has little to save here, and it pays for \
+             how it learns of activity, which tokio gets from the reads it makes anyway: \
+             lull-tcpinfo makes a TCP_INFO getsockopt at every timer firing, and lull-ebpf's \
+             programs run on every packet (see the note on its processes). lull also drains \
+             with a non-blocking RECV at every firing, including those where nothing arrived, \
+             where tokio reads only when epoll reports data. Wakeups per process a second: \
+             {lull_rate:.0} for {lull}'s engine (it sleeps until its next due timer, at a {} \
+             tick), {tokio_rate:.0} for tokio's runtime. BENCHMARKS.md has a profile of where \
+             each strategy's time goes. \
              --lull-tick sets lull's tick for a run.",
             busy as f64 * 4.0 / plan.timing.idle().as_secs_f64(),
             plan.lull_tick
