@@ -64,10 +64,15 @@ pub fn run(opts: &Options) -> Result<PathBuf> {
     );
     let object = root.join(OBJECT_PATH);
     fs::create_dir_all(object.parent().expect("OBJECT_PATH has a parent"))?;
-    // Copy, then rename: the engine's build script must never see a half-written object.
-    let tmp = object.with_extension("o.tmp");
-    fs::copy(&built, &tmp).with_context(|| format!("copying {}", built.display()))?;
-    fs::rename(&tmp, &object).with_context(|| format!("writing {}", object.display()))?;
+    let bytes = fs::read(&built).with_context(|| format!("reading {}", built.display()))?;
+    // The engine's build script watches the object's mtime: rewriting identical bytes would
+    // recompile the engine and everything on top of it at every xtask command.
+    if fs::read(&object).ok().as_deref() != Some(bytes.as_slice()) {
+        // Write, then rename: the build script must never see a half-written object.
+        let tmp = object.with_extension("o.tmp");
+        fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
+        fs::rename(&tmp, &object).with_context(|| format!("writing {}", object.display()))?;
+    }
     eprintln!("xtask: BPF object at {}", object.display());
     Ok(object)
 }

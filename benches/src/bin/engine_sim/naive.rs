@@ -29,7 +29,15 @@ pub struct NaiveStats {
     pub probes: u64,
     pub dead: u64,
     pub cpu: Duration,
+    /// Timers that fired more than [`LATE_MS`] after their deadline: the thread fell behind.
+    pub late_fires: u64,
+    /// The latest any timer fired after its deadline, in ms (since the last reset).
+    pub max_late_ms: u64,
 }
+
+/// How late a firing must be to count as falling behind: well past the 1 ms tick and the
+/// 10 ms activity batches, so scheduling noise alone does not trip it.
+pub const LATE_MS: u64 = 100;
 
 pub struct NaiveEngine {
     wheel: TimingWheel,
@@ -101,6 +109,11 @@ impl NaiveEngine {
         let mut probed: Vec<u32> = Vec::new();
         while let Some(e) = self.wheel.poll(now) {
             self.stats.fires += 1;
+            let late = now.saturating_sub(e.deadline);
+            self.stats.max_late_ms = self.stats.max_late_ms.max(late);
+            if late > LATE_MS {
+                self.stats.late_fires += 1;
+            }
             let c = &mut self.conns[e.token as usize];
             if c.dead {
                 continue;
