@@ -29,12 +29,18 @@ pub struct Options {
     /// Shorter runs: every benchmark at a smaller scale.
     #[arg(long)]
     pub quick: bool,
-    /// Also copy the reports and charts to docs/bench/, the figures BENCHMARKS.md quotes.
+    /// Also copy the reports and charts to docs/bench/, the figures BENCHMARKS.md quotes
+    /// (full runs of every benchmark only).
     #[arg(long)]
     pub publish: bool,
 }
 
 pub fn run(opts: &Options) -> Result<()> {
+    // target/bench/ keeps the reports of earlier runs; only a full run of everything replaces
+    // all of them, so only that may stand as the published figures.
+    if opts.publish && (opts.quick || !opts.names.is_empty()) {
+        bail!("--publish needs the full suite: drop --quick and the benchmark names");
+    }
     for name in &opts.names {
         if !BENCHES.contains(&name.as_str()) {
             bail!(
@@ -97,9 +103,8 @@ pub fn run(opts: &Options) -> Result<()> {
     Ok(())
 }
 
-/// Copies this run's reports and charts over the published ones. The whole directory is
-/// replaced, so a benchmark left out of this run cannot leave figures from an older run
-/// beside the new ones.
+/// Copies this run's reports and charts over the published ones, replacing the directory so
+/// that nothing from an older run is left beside them.
 fn publish(from: &Path, to: &Path) -> Result<()> {
     if to.exists() {
         std::fs::remove_dir_all(to).with_context(|| format!("removing {}", to.display()))?;
