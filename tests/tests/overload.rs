@@ -11,20 +11,9 @@ use std::{
 };
 
 use lull::{Engine, Policy, SourceChoice, activity::SimulatedSource, clock::monotonic_ns};
-use lull_tests::{serial, wait_until};
+use lull_tests::{rss_bytes, serial, wait_until};
 
 const N: u32 = 1_000_000;
-
-fn rss_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
-    statm
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse::<u64>()
-        .unwrap()
-        * 4096
-}
 
 /// Registers N connections at once and waits until each has been probed once.
 fn herd(max_probes_per_tick: u32) -> lull::EngineStats {

@@ -15,9 +15,9 @@ use anyhow::{Context as _, Result, bail};
 use clap::Parser;
 use lull::{Engine, Policy, SourceChoice};
 use lull_tests::{
-    REQUIRE_EBPF, ebpf_required,
+    REQUIRE_EBPF, ebpf_required, open_fds,
     peers::{Behaviour, PeerServer},
-    wait_until,
+    rss_bytes, wait_until,
 };
 
 /// Churn connections through an engine for a while and check that nothing leaks.
@@ -32,22 +32,6 @@ struct Args {
     /// Write the figures here as JSON too.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
-}
-
-fn rss_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|p| p.parse::<u64>().ok())
-        .unwrap_or(0)
-        * 4096
-}
-
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .map(|d| d.count())
-        .unwrap_or(0)
 }
 
 fn main() -> Result<()> {
