@@ -26,6 +26,7 @@ pub use sim::SimulatedSource;
 pub use slots::Slot;
 pub(crate) use slots::{Grace, SlotAllocator, SlotState};
 pub use table::{ActivityTable, TableOptions, bpf_object_embedded};
+pub(crate) use tcp_info::activity_from;
 pub use tcp_info::{TcpInfoSource, TcpState, tcp_info};
 
 /// What a source knows about one connection.

@@ -13,7 +13,9 @@ use std::{
 };
 
 use crate::{
-    activity::{ActivitySource, Slot, SlotState, TcpInfoSource, tcp_info},
+    activity::{
+        ActivitySource, Slot, SlotState, SourceKind, TcpInfoSource, activity_from, tcp_info,
+    },
     clock::monotonic_ns,
     policy::{OnDead, Policy, Probe},
     probe::ring::{Completion, ProbeRing},
@@ -474,7 +476,18 @@ impl Worker {
         now: u64,
     ) -> bool {
         let fd = borrow(c.fd);
-        let activity = match self.source.read(slot, fd) {
+        // Kernel probing reads TCP_INFO for the kernel's verdict; with the TCP_INFO source that
+        // same reading is the activity, so the firing makes one getsockopt, not two.
+        let info = (c.phase() == Phase::Kernel)
+            .then(|| fd.map(tcp_info))
+            .flatten();
+        let read = match &info {
+            Some(Ok(info)) if self.source.kind() == SourceKind::TcpInfo => {
+                Ok(activity_from(info, now))
+            }
+            _ => self.source.read(slot, fd),
+        };
+        let activity = match read {
             Ok(a) => a,
             Err(err) => {
                 tracing::debug!(conn = %ConnId::from_slot(slot), "reading activity: {err}");
@@ -484,7 +497,7 @@ impl Worker {
         };
         let base = self.start_ns + self.tick_of(now) * self.config.tick_ns;
         let verdict = if c.phase() == Phase::Kernel {
-            match fd.map(tcp_info) {
+            match info {
                 Some(Ok(info)) => decide_kernel(&mut self.conns[local], p, &activity, &info, now),
                 _ => Verdict::Rearm(Arm::exact(now + p.interval_ns)),
             }
@@ -511,12 +524,13 @@ impl Worker {
         verdict: Verdict,
     ) -> bool {
         let id = ConnId::from_slot(slot);
-        let shared = self.shared.clone();
-        let counters = &shared.counters;
         match verdict {
             Verdict::Rearm(at) => {
                 if before.phase() == Phase::Watching {
-                    counters.wakeups_rearmed.fetch_add(1, Ordering::Relaxed);
+                    self.shared
+                        .counters
+                        .wakeups_rearmed
+                        .fetch_add(1, Ordering::Relaxed);
                 }
                 self.rearm(local, at);
             }
@@ -534,7 +548,10 @@ impl Worker {
                 }
             }
             Verdict::Answered { rtt, next: at } => {
-                counters.probes_answered.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .counters
+                    .probes_answered
+                    .fetch_add(1, Ordering::Relaxed);
                 if let Some(cell) = self.shared.stats.get(local) {
                     cell.add_answered(rtt);
                 }
@@ -545,7 +562,7 @@ impl Worker {
                 probes,
                 next: at,
             } => {
-                counters.dead.fetch_add(1, Ordering::Relaxed);
+                self.shared.counters.dead.fetch_add(1, Ordering::Relaxed);
                 self.emit(Event::Dead {
                     id,
                     after: Duration::from_nanos(silent),
@@ -566,7 +583,7 @@ impl Worker {
                 }
             }
             Verdict::Revived(at) => {
-                counters.revived.fetch_add(1, Ordering::Relaxed);
+                self.shared.counters.revived.fetch_add(1, Ordering::Relaxed);
                 self.emit(Event::Revived { id });
                 self.rearm(local, at);
             }
@@ -659,10 +676,6 @@ impl Worker {
                 op: Op::Probe { undo, len },
             });
             self.probes_this_tick.1 += 1;
-            self.shared
-                .counters
-                .max_probes_per_tick
-                .fetch_max(u64::from(self.probes_this_tick.1), Ordering::Relaxed);
         }
         queued
     }
@@ -690,6 +703,11 @@ impl Worker {
         if self.held.is_empty() {
             return;
         }
+        // Once per batch rather than per probe: the tick's count only grows until the next tick.
+        self.shared
+            .counters
+            .max_probes_per_tick
+            .fetch_max(u64::from(self.probes_this_tick.1), Ordering::Relaxed);
         self.completions.clear();
         if let Err(err) = self.ring.submit(&mut self.completions) {
             // Nothing is known to have gone out: undo every probe of the batch.

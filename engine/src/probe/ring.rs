@@ -22,17 +22,25 @@ pub(crate) struct Completion {
 pub(crate) struct ProbeRing {
     ring: IoUring,
     queued: u32,
+    entries: u32,
 }
 
 impl ProbeRing {
     /// A ring with room for `entries` operations per submission.
     pub(crate) fn new(entries: u32) -> io::Result<Self> {
-        let ring = IoUring::builder()
+        Ok(Self {
+            ring: Self::build(entries)?,
+            queued: 0,
+            entries,
+        })
+    }
+
+    fn build(entries: u32) -> io::Result<IoUring> {
+        IoUring::builder()
             // Completions are read right after each submission; twice the room means a full
             // batch never overflows even if a few completions are left from the last one.
             .setup_cqsize(entries.saturating_mul(2).max(2))
-            .build(entries.max(1))?;
-        Ok(Self { ring, queued: 0 })
+            .build(entries.max(1))
     }
 
     /// Room left in this batch.
@@ -108,7 +116,10 @@ impl ProbeRing {
             match self.ring.submit_and_wait(want - got) {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) => return Err(e),
+                Err(e) => {
+                    self.discard();
+                    return Err(e);
+                }
             }
             for cqe in self.ring.completion() {
                 out.push(Completion {
@@ -123,6 +134,24 @@ impl ProbeRing {
         }
         self.queued = 0;
         Ok(())
+    }
+
+    /// Forgets a batch whose submission failed. Its entries may still sit in the submission
+    /// queue, or be in flight, and would otherwise complete under the next batch's tags; a
+    /// fresh ring drops them (closing the old one never issues what it had not consumed, and
+    /// what was issued already holds its own file reference, not the fd number).
+    fn discard(&mut self) {
+        self.queued = 0;
+        match Self::build(self.entries) {
+            Ok(ring) => self.ring = ring,
+            Err(err) => {
+                // The old ring stays, and its leftovers may complete under later tags: this
+                // needs the kernel to refuse a new ring, that is, to be out of memory.
+                tracing::error!(
+                    "io_uring: cannot replace the ring after a failed submission: {err}"
+                );
+            }
+        }
     }
 }
 
