@@ -151,7 +151,11 @@ fn blackhole(source: Source, activity: ActivityMode, kernel: bool) {
     // retransmitted, and kernel keepalive would not even start while it is in flight.
     for w in &mut watched {
         w.set_nonblocking(true).unwrap();
-        let _ = w.write(&[b'x'; 32 * 1024]);
+        let wrote = w.write(&[b'x'; 32 * 1024]);
+        assert!(
+            wrote.as_ref().is_ok_and(|&n| n > 0),
+            "unacknowledged data must be in flight: {wrote:?}"
+        );
     }
     let bound = policy.detection_bound();
     // Kernel mode: the kernel's own timers (jiffies) and the engine's 250 ms check slack.

@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use clap::Parser;
-use lull::{Engine, Policy, SourceChoice};
+use lull::{Engine, Policy, SourceChoice, activity::SourceKind};
 use lull_tests::{
     REQUIRE_EBPF, ebpf_required, open_fds,
     peers::{Behaviour, PeerServer},
@@ -203,6 +203,14 @@ fn main() -> Result<()> {
     }
     if !fds_settled || fds_leaked != 0 {
         problems.push(format!("{fds_leaked} fds leaked"));
+    }
+    // The engine falls back to TCP_INFO if its programs go away; a table it no longer has
+    // reports no rows, so under LULL_REQUIRE_EBPF that must fail, not read as zero leaked.
+    if ebpf_required() && (rows_leaked.is_none() || engine.source_kind() != SourceKind::Ebpf) {
+        problems.push(format!(
+            "the soak ended on the {} source, so BPF rows could not be counted",
+            engine.source_kind()
+        ));
     }
     if rows_leaked.unwrap_or(0) != 0 {
         problems.push(format!("{rows_leaked:?} BPF rows still registered"));
