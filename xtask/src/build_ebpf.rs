@@ -9,7 +9,7 @@ use crate::toolchain::{
     ensure_bpf_linker, ensure_rust_src, nightly, nightly_sysroot, run_checked, workspace_root,
 };
 
-/// Where the object lands; `engine/build.rs` embeds it from here when it exists.
+/// Where the object lands; `engine/lull/build.rs` embeds it from here when it exists.
 pub const OBJECT_PATH: &str = "target/bpf/lull.bpf.o";
 
 /// Build the eBPF object (installs nightly's rust-src and a bpf-linker on first use).

@@ -29,7 +29,7 @@ pub fn run(opts: &Options) -> Result<()> {
         "build",
         "--release",
         "--package",
-        "lull",
+        "lull-cli",
         "--bin",
         "lull",
     ]))?;

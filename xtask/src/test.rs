@@ -67,7 +67,7 @@ pub fn run(opts: &Options) -> Result<()> {
     run_checked(Command::new("cargo").current_dir(&root).args([
         "build",
         "--package",
-        "lull",
+        "lull-cli",
         "--bin",
         "lull",
     ]))?;

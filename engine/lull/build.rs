@@ -12,7 +12,7 @@ fn main() {
     let object = env::var_os("LULL_BPF_OBJECT").map_or_else(
         || {
             PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"))
-                .join("../target/bpf/lull.bpf.o")
+                .join("../../target/bpf/lull.bpf.o")
         },
         PathBuf::from,
     );

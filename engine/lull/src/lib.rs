@@ -13,15 +13,15 @@
 
 pub mod activity;
 pub mod clock;
-mod engine;
 mod memory;
 pub mod policy;
 pub mod probe;
+mod runtime;
 pub mod wheel;
 
-pub use engine::{
+pub use policy::{ActivityMode, Mode, OnDead, Policy, PolicyError, Probe};
+pub use probe::{Payload, PayloadError};
+pub use runtime::{
     CloseReason, ConnId, ConnStats, Engine, EngineBuilder, EngineError, EngineGroup, EngineStats,
     Event, GroupBuilder, SourceChoice, VirtualConn, WatchError, Watched,
 };
-pub use policy::{ActivityMode, Mode, OnDead, Policy, PolicyError, Probe};
-pub use probe::{Payload, PayloadError};
