@@ -55,14 +55,7 @@ pub fn run(opts: &Options) -> Result<()> {
         opts.names.iter().map(String::as_str).collect()
     };
     let root = workspace_root();
-    build_ebpf::run(&build_ebpf::Options { no_btf: false })?;
-    run_checked(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "--package",
-        "lull-benches",
-        "--bins",
-    ]))?;
+    build_ebpf::build_release_with_object(&["--package", "lull-benches", "--bins"])?;
     let out = root.join("target/bench");
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let started = Instant::now();

@@ -76,3 +76,17 @@ pub fn run(opts: &Options) -> Result<PathBuf> {
     eprintln!("xtask: BPF object at {}", object.display());
     Ok(object)
 }
+
+/// Builds the BPF object, then `cargo build --release` with `cargo_args` (a package and its
+/// targets), so the binaries embed the object. Returns the release directory they land in.
+pub fn build_release_with_object(cargo_args: &[&str]) -> Result<PathBuf> {
+    let root = workspace_root();
+    run(&Options { no_btf: false })?;
+    run_checked(
+        std::process::Command::new("cargo")
+            .current_dir(&root)
+            .args(["build", "--release"])
+            .args(cargo_args),
+    )?;
+    Ok(root.join("target/release"))
+}

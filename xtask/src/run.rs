@@ -7,7 +7,7 @@ use clap::Args;
 
 use crate::{
     build_ebpf,
-    toolchain::{describe, is_root, run_checked, workspace_root},
+    toolchain::{describe, is_root},
 };
 
 /// Build the BPF object and the `lull` binary (release), then run it. With no arguments it
@@ -23,17 +23,9 @@ pub struct Options {
 }
 
 pub fn run(opts: &Options) -> Result<()> {
-    let root = workspace_root();
-    build_ebpf::run(&build_ebpf::Options { no_btf: false })?;
-    run_checked(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "--package",
-        "lull-cli",
-        "--bin",
-        "lull",
-    ]))?;
-    let binary = root.join("target/release/lull");
+    let binary =
+        build_ebpf::build_release_with_object(&["--package", "lull-cli", "--bin", "lull"])?
+            .join("lull");
     let args = if opts.args.is_empty() {
         vec!["run".to_string()]
     } else {

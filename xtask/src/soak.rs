@@ -22,18 +22,11 @@ pub struct Options {
 
 pub fn run(opts: &Options) -> Result<()> {
     let root = workspace_root();
-    build_ebpf::run(&build_ebpf::Options { no_btf: false })?;
-    run_checked(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "--package",
-        "lull-tests",
-        "--bin",
-        "soak",
-    ]))?;
+    let release =
+        build_ebpf::build_release_with_object(&["--package", "lull-tests", "--bin", "soak"])?;
     let json = root.join("target/soak.json");
     run_checked(
-        Command::new(root.join("target/release/soak"))
+        Command::new(release.join("soak"))
             .args(["--minutes", &opts.minutes.to_string()])
             .arg("--json")
             .arg(&json),

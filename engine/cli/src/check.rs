@@ -28,7 +28,10 @@ pub fn run(_args: &CheckArgs) -> Result<ExitCode> {
             "not built in (run `cargo xtask build-ebpf`, then rebuild)"
         }
     );
-    println!("RLIMIT_NOFILE    {}", crate::run::raise_fd_limit());
+    println!(
+        "RLIMIT_NOFILE    {}",
+        lull_harness::process::raise_fd_limit()?
+    );
     let ring = io_uring_ok();
     println!(
         "io_uring         {}",

@@ -6,8 +6,6 @@
 
 use std::{
     io::{Read, Write},
-    net::TcpListener,
-    os::fd::AsRawFd,
     process::ExitCode,
     rc::Rc,
     time::Duration,
@@ -15,9 +13,9 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use clap::Args;
-use tokio_uring::net::TcpStream;
+use lull_harness::{Behaviour, HangTrigger, peer::PONG};
 
-use crate::schedule::{Role, Script};
+use crate::schedule::{READY_PREFIX, Role, Script};
 
 /// (internal) One process of the demo's peer population, started by `lull run`.
 #[derive(Debug, Args)]
@@ -28,18 +26,14 @@ pub struct PeerArgs {
     script: String,
 }
 
-/// The line a peer process prints once it listens: `PORTS <answering> <busy> <hung> <closing>`.
-pub const READY_PREFIX: &str = "PORTS";
-
 pub fn run(args: &PeerArgs) -> Result<ExitCode> {
     let script: Script = serde_json::from_str(&args.script).context("--script")?;
-    crate::run::raise_fd_limit();
+    lull_harness::process::raise_fd_limit().context("reading RLIMIT_NOFILE")?;
     let mut listeners = Vec::new();
     for role in Role::ALL {
-        let listener = TcpListener::bind("127.0.0.1:0").context("binding a peer listener")?;
-        // std listens with a backlog of 128; the engine opens thousands of connections at once.
-        // SAFETY: listen() on a socket we own; a second listen() only changes the backlog.
-        unsafe { libc::listen(listener.as_raw_fd(), 4096) };
+        // The engine opens thousands of connections at once: the listener's backlog is deep.
+        let listener = lull_harness::socket::listener(([127, 0, 0, 1], 0).into())
+            .context("binding a peer listener")?;
         listeners.push((role, listener));
     }
     let ports: Vec<String> = listeners
@@ -65,9 +59,12 @@ pub fn run(args: &PeerArgs) -> Result<ExitCode> {
             accepts.push(tokio_uring::spawn(async move {
                 loop {
                     let Ok((stream, remote)) = listener.accept().await else {
+                        // Out of fds or memory: wait for it to pass rather than spin.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
                         continue;
                     };
-                    tokio_uring::spawn(serve(stream, remote.port(), role, script.clone()));
+                    let behaviour = behaviour(role, &script, remote.port());
+                    tokio_uring::spawn(lull_harness::peer::serve(stream, behaviour, |_| {}));
                 }
             }));
         }
@@ -78,70 +75,19 @@ pub fn run(args: &PeerArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn serve(stream: TcpStream, port: u16, role: Role, script: Rc<Script>) {
-    let stream = Rc::new(stream);
+/// What the peer of the connection from client port `port` does, by its role and the script.
+fn behaviour(role: Role, script: &Script, port: u16) -> Behaviour {
     match role {
-        Role::Answering => answer(&stream).await,
-        Role::Busy => {
-            let writer = stream.clone();
-            let every = Duration::from_millis(script.busy_every_ms);
-            tokio::select! {
-                () = answer(&stream) => {}
-                () = async move {
-                    loop {
-                        tokio::time::sleep(every).await;
-                        if writer.write_all(b"b".to_vec()).await.0.is_err() {
-                            return;
-                        }
-                    }
-                } => {}
-            }
-        }
-        Role::Hung => {
-            tokio::select! {
-                () = answer(&stream) => return,
-                () = tokio::time::sleep(script.hang_after(port)) => {}
-            }
-            // Hung: the socket stays open, nothing is read or written, the kernel keeps ACKing.
-            std::future::pending::<()>().await;
-        }
-        Role::Closing => {
-            tokio::select! {
-                () = answer(&stream) => return,
-                () = tokio::time::sleep(script.close_after(port)) => {}
-            }
-            if Script::resets(port) {
-                let linger = libc::linger {
-                    l_onoff: 1,
-                    l_linger: 0,
-                };
-                // SAFETY: a valid option pointer of the declared size, on our socket.
-                unsafe {
-                    libc::setsockopt(
-                        stream.as_raw_fd(),
-                        libc::SOL_SOCKET,
-                        libc::SO_LINGER,
-                        (&raw const linger).cast(),
-                        size_of::<libc::linger>() as libc::socklen_t,
-                    );
-                }
-            }
-        }
-    }
-}
-
-/// Answers every read with `+PONG`, until the connection ends.
-async fn answer(stream: &TcpStream) {
-    let mut buf = vec![0u8; 1024];
-    loop {
-        let (n, b) = stream.read(buf).await;
-        buf = b;
-        match n {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        if stream.write_all(b"+PONG\r\n".to_vec()).await.0.is_err() {
-            return;
-        }
+        Role::Answering => Behaviour::Answer(PONG),
+        Role::Busy => Behaviour::Busy {
+            every: Duration::from_millis(script.busy_every_ms),
+        },
+        Role::Hung => Behaviour::Hang {
+            trigger: HangTrigger::AfterAccept(script.hang_after(port)),
+        },
+        Role::Closing => Behaviour::Close {
+            after: script.close_after(port),
+            reset: Script::resets(port),
+        },
     }
 }

@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// The line a peer process prints once it listens: `PORTS <answering> <busy> <hung> <closing>`.
+pub const READY_PREFIX: &str = "PORTS";
+
 /// What a demo peer does with a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Role {

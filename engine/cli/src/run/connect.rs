@@ -12,15 +12,16 @@ use anyhow::{Context as _, Result, bail};
 use lull::{ConnId, Event, Watched};
 
 use super::{
-    Run,
-    options::Connect,
-    pump_events,
+    config::Connect,
     report::{self, JobFacts, Report},
-    rss_bytes,
+    session::Session,
     tracker::Tracker,
 };
+use crate::usage::usage;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the first check that the server can be reached waits.
+const REACHABLE_TIMEOUT: Duration = Duration::from_secs(3);
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -99,8 +100,11 @@ fn backoff(attempt: u32, rng: &mut u64) -> Duration {
     cap.mul_f64((*rng % 10_000) as f64 / 10_000.0)
 }
 
-pub fn run(run: &Run<'_>, target: &Connect) -> Result<Report> {
-    let config = run.config;
+pub fn run(session: &Session<'_>, target: &Connect) -> Result<Report> {
+    // An address that cannot be reached is a usage error, not a run with zero connections.
+    TcpStream::connect_timeout(&target.addr, REACHABLE_TIMEOUT)
+        .map_err(|e| usage("--connect", format!("{}: {e}", target.target)))?;
+    let config = session.config;
     let policy = &config.policy;
     if let Some(keepalive) = target.mqtt_keepalive {
         let limit = Duration::from_secs(u64::from(keepalive)).mul_f64(1.5);
@@ -116,14 +120,14 @@ pub fn run(run: &Run<'_>, target: &Connect) -> Result<Report> {
     let mut tracker = Tracker::new(policy.detection_bound(), n as usize);
     let mut live: HashMap<ConnId, Watched<TcpStream>> = HashMap::with_capacity(n as usize);
     let mut serial = 0u64;
-    let rss_before = rss_bytes();
+    let rss_before = lull_harness::process::rss_bytes()?;
     for i in 0..n {
-        if run.interrupted() {
+        if session.interrupted() {
             break;
         }
         serial += 1;
         let stream = open(target, serial)?;
-        let watched = run
+        let watched = session
             .engine
             .watch(stream, policy)
             .context("watching a connection")?;
@@ -134,24 +138,24 @@ pub fn run(run: &Run<'_>, target: &Connect) -> Result<Report> {
             eprint!("\rconnecting: {}/{n}", i + 1);
         }
     }
-    let rss_after = rss_bytes();
+    let rss_after = lull_harness::process::rss_bytes()?;
     eprintln!(
         "\rholding {} connections to {} (activity source: {}); {}",
         live.len(),
         target.target,
-        run.engine.source_kind(),
+        session.engine.source_kind(),
         match config.duration {
             Some(d) => format!("running for {d:?}"),
             None => "Ctrl-C to stop".into(),
         }
     );
 
-    run.restart();
+    session.restart();
     let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(std::process::id());
     let mut retry: Vec<(Instant, u32)> = Vec::new();
     let mut reconnects = 0u64;
-    while !run.over() {
-        for event in pump_events(run, &mut tracker, Duration::from_millis(100)) {
+    while !session.over() {
+        for event in session.pump_events(&mut tracker, Duration::from_millis(100)) {
             let lost = match event {
                 Event::Dead { id, after, probes } => {
                     tracing::warn!(
@@ -178,9 +182,12 @@ pub fn run(run: &Run<'_>, target: &Connect) -> Result<Report> {
         retry = later;
         for (_, attempt) in due {
             serial += 1;
-            match open(target, serial)
-                .and_then(|s| run.engine.watch(s, policy).context("watching a connection"))
-            {
+            match open(target, serial).and_then(|s| {
+                session
+                    .engine
+                    .watch(s, policy)
+                    .context("watching a connection")
+            }) {
                 Ok(watched) => {
                     reconnects += 1;
                     tracker.expect(watched.id(), None, None);
@@ -197,11 +204,11 @@ pub fn run(run: &Run<'_>, target: &Connect) -> Result<Report> {
             }
         }
         if !config.quiet {
-            tracker.progress(run.elapsed(), &run.engine.stats(), None, false);
+            tracker.progress(session.elapsed(), &session.engine.stats(), None, false);
         }
     }
     if !config.quiet {
-        tracker.progress(run.elapsed(), &run.engine.stats(), None, true);
+        tracker.progress(session.elapsed(), &session.engine.stats(), None, true);
         tracker.finish_progress();
     }
     let facts = JobFacts {
@@ -213,10 +220,10 @@ pub fn run(run: &Run<'_>, target: &Connect) -> Result<Report> {
         expected_closed: None,
         reconnects,
         rss_growth: Some((rss_after.saturating_sub(rss_before), n)),
-        elapsed: run.elapsed(),
-        interrupted: run.interrupted(),
+        elapsed: session.elapsed(),
+        interrupted: session.interrupted(),
     };
-    let mut report = report::build(run.engine, &tracker, facts);
+    let mut report = report::build(session.engine, &tracker, facts);
     report.connections = live.len() as u64;
     Ok(report)
 }

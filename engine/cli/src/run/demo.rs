@@ -13,16 +13,12 @@ use anyhow::{Context as _, Result, bail, ensure};
 use lull::Watched;
 
 use super::{
-    Run,
-    options::Population,
+    config::Population,
     report::{self, JobFacts, Report},
-    rss_bytes,
+    session::Session,
     tracker::{Tally, Tracker},
 };
-use crate::{
-    peer::READY_PREFIX,
-    schedule::{Role, Script},
-};
+use crate::schedule::{READY_PREFIX, Role, Script};
 
 /// Connections one peer process accepts: well under the 20,000 fds a process may hold here.
 const PER_PROCESS: u64 = 15_000;
@@ -121,8 +117,8 @@ fn roles(n: u64, population: Population) -> (Vec<Role>, BTreeMap<Role, u64>) {
     (roles, counts)
 }
 
-pub fn run(run: &Run<'_>, population: Population) -> Result<Report> {
-    let config = run.config;
+pub fn run(session: &Session<'_>, population: Population) -> Result<Report> {
+    let config = session.config;
     let policy = &config.policy;
     let n = u64::from(config.conns);
     let duration = config.duration.context("the demo needs a duration")?;
@@ -159,10 +155,10 @@ pub fn run(run: &Run<'_>, population: Population) -> Result<Report> {
 
     let mut tracker = Tracker::new(bound, n as usize);
     let mut handles: Vec<Watched<TcpStream>> = Vec::with_capacity(n as usize);
-    let rss_before = rss_bytes();
+    let rss_before = lull_harness::process::rss_bytes()?;
     let setup = Instant::now();
     for (i, role) in roles.iter().enumerate() {
-        if run.interrupted() {
+        if session.interrupted() {
             break;
         }
         let process = i % peers.ports.len();
@@ -171,7 +167,7 @@ pub fn run(run: &Run<'_>, population: Population) -> Result<Report> {
             .with_context(|| format!("connecting to peer port {port}"))?;
         stream.set_nodelay(true)?;
         let local = stream.local_addr()?.port();
-        let watched = run
+        let watched = session
             .engine
             .watch(stream, policy)
             .context("watching a demo connection")?;
@@ -185,10 +181,10 @@ pub fn run(run: &Run<'_>, population: Population) -> Result<Report> {
     }
     // The engine takes watches in asynchronously; measure once it has all of them.
     let settle = Instant::now() + Duration::from_secs(5);
-    while run.engine.stats().watched < handles.len() as u64 && Instant::now() < settle {
+    while session.engine.stats().watched < handles.len() as u64 && Instant::now() < settle {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let rss_after = rss_bytes();
+    let rss_after = lull_harness::process::rss_bytes()?;
     if !config.quiet {
         eprintln!(
             "\rconnected {} in {:.1?}; running for {duration:?}",
@@ -196,24 +192,34 @@ pub fn run(run: &Run<'_>, population: Population) -> Result<Report> {
             setup.elapsed()
         );
     }
-    if handles.len() as u64 != n && !run.interrupted() {
+    if handles.len() as u64 != n && !session.interrupted() {
         bail!("only {} of {n} connections were opened", handles.len());
     }
 
-    run.restart();
+    session.restart();
     let expected = Tally {
         dead: by_role[&Role::Hung],
         closed: by_role[&Role::Closing],
     };
-    while !run.over() {
-        super::pump_events(run, &mut tracker, Duration::from_millis(100));
+    while !session.over() {
+        session.pump_events(&mut tracker, Duration::from_millis(100));
         if !config.quiet {
-            tracker.progress(run.elapsed(), &run.engine.stats(), Some(expected), false);
+            tracker.progress(
+                session.elapsed(),
+                &session.engine.stats(),
+                Some(expected),
+                false,
+            );
         }
     }
-    super::pump_events(run, &mut tracker, Duration::ZERO);
+    session.pump_events(&mut tracker, Duration::ZERO);
     if !config.quiet {
-        tracker.progress(run.elapsed(), &run.engine.stats(), Some(expected), true);
+        tracker.progress(
+            session.elapsed(),
+            &session.engine.stats(),
+            Some(expected),
+            true,
+        );
         tracker.finish_progress();
     }
     let facts = JobFacts {
@@ -225,10 +231,10 @@ pub fn run(run: &Run<'_>, population: Population) -> Result<Report> {
         expected_closed: Some(expected.closed),
         reconnects: 0,
         rss_growth: Some((rss_after.saturating_sub(rss_before), handles.len() as u64)),
-        elapsed: run.elapsed(),
-        interrupted: run.interrupted(),
+        elapsed: session.elapsed(),
+        interrupted: session.interrupted(),
     };
-    let report = report::build(run.engine, &tracker, facts);
+    let report = report::build(session.engine, &tracker, facts);
     drop(handles);
     drop(peers);
     Ok(report)

@@ -1,33 +1,34 @@
 //! `lull run`: the demo (default) and `--connect`.
 
+mod args;
+mod config;
 mod connect;
 mod demo;
-mod options;
 mod report;
+mod session;
 mod tracker;
 
 use std::{
     cell::Cell,
     process::ExitCode,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::{Duration, Instant},
+    sync::{Arc, atomic::AtomicBool},
+    time::Instant,
 };
 
 use anyhow::{Context as _, Result};
 use lull::{EngineBuilder, EngineGroup, SourceChoice};
 
-pub use options::RunArgs;
-use options::{Job, RunConfig, SourceArg};
+pub use args::RunArgs;
+use args::SourceArg;
+use config::{Job, RunConfig};
+use session::Session;
 
-use crate::{metrics::Metrics, privileges, usage};
+use crate::{metrics::Metrics, privileges, usage::usage};
 
 /// Runs `lull run` to completion (or until SIGINT/SIGTERM).
 pub fn run(args: RunArgs) -> Result<ExitCode> {
-    let config = args.resolve()?;
-    let limit = raise_fd_limit();
+    let config = RunConfig::resolve(args)?;
+    let limit = lull_harness::process::raise_fd_limit().context("reading RLIMIT_NOFILE")?;
     // Each connection is one fd here; keep room for the engine, BPF objects and the peers' pipes.
     let budget = limit.saturating_sub(256);
     if u64::from(config.conns) > budget {
@@ -56,7 +57,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     if let Some(user) = &config.user {
         privileges::drop_to(user).with_context(|| format!("--user {user}"))?;
     }
-    let run = Run {
+    let session = Session {
         config: &config,
         engine: &engine,
         stop: &stop,
@@ -64,8 +65,8 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         started: Cell::new(Instant::now()),
     };
     let report = match &config.job {
-        Job::Demo(population) => demo::run(&run, *population)?,
-        Job::Connect(target) => connect::run(&run, target)?,
+        Job::Demo(population) => demo::run(&session, *population)?,
+        Job::Connect(target) => connect::run(&session, target)?,
     };
     // Detach the BPF programs before printing: the report is the last word.
     engine.shutdown();
@@ -79,39 +80,6 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     } else {
         ExitCode::from(3)
     })
-}
-
-/// What the jobs share.
-pub struct Run<'a> {
-    pub config: &'a RunConfig,
-    pub engine: &'a EngineGroup,
-    pub stop: &'a AtomicBool,
-    pub metrics: Option<&'a Metrics>,
-    /// When the timed part of the run began (after the connections were set up).
-    pub started: Cell<Instant>,
-}
-
-impl Run<'_> {
-    /// Whether the run should end: its duration is over or a signal arrived.
-    pub fn over(&self) -> bool {
-        self.stop.load(Ordering::Relaxed)
-            || self.config.duration.is_some_and(|d| self.elapsed() >= d)
-    }
-
-    /// Starts the run's clock now: `--duration` counts from here.
-    pub fn restart(&self) {
-        self.started.set(Instant::now());
-    }
-
-    /// Time since the run's clock started.
-    pub fn elapsed(&self) -> Duration {
-        self.started.get().elapsed()
-    }
-
-    /// Whether a signal ended the run early.
-    pub fn interrupted(&self) -> bool {
-        self.stop.load(Ordering::Relaxed)
-    }
 }
 
 fn build_engine(config: &RunConfig) -> Result<EngineGroup> {
@@ -154,60 +122,4 @@ fn stop_flag() -> Result<Arc<AtomicBool>> {
         signal_hook::flag::register(signal, stop.clone()).context("installing a signal handler")?;
     }
     Ok(stop)
-}
-
-/// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the limit now in force.
-pub fn raise_fd_limit() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: valid out-pointer; setrlimit with values the kernel just gave us.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        }
-    }
-    lim.rlim_cur
-}
-
-/// This process's resident memory, in bytes.
-pub fn rss_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
-    pages * page
-}
-
-/// Feeds the engine's events to the tracker and the metrics: waits up to `wait` for the first,
-/// then takes whatever else is queued. Returns the events, for jobs that act on them.
-pub fn pump_events(
-    run: &Run<'_>,
-    tracker: &mut tracker::Tracker,
-    wait: Duration,
-) -> Vec<lull::Event> {
-    let events = run.engine.events();
-    let mut got = Vec::new();
-    if let Ok(first) = events.recv_timeout(wait) {
-        got.push(first);
-    }
-    got.extend(events.try_iter());
-    let now = Instant::now();
-    for event in &got {
-        let latency = tracker.on_event(event, now);
-        if let (Some(metrics), Some(latency)) = (run.metrics, latency) {
-            metrics.observe_detection(latency);
-        }
-    }
-    if let Some(metrics) = run.metrics {
-        metrics.update(&run.engine.stats());
-    }
-    got
 }
