@@ -10,6 +10,7 @@
 
 mod cgroup;
 mod error;
+pub mod kernel_btf;
 mod link_health;
 mod rows;
 mod sim;
