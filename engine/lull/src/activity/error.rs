@@ -21,6 +21,15 @@ pub enum ActivityError {
         mounts: PathBuf,
     },
 
+    /// A cgroup lull was told to use is not a usable cgroup v2 directory.
+    #[error("cgroup {path}: {why}", path = path.display())]
+    BadCgroup {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+
     /// A file the source needs could not be read or opened.
     #[error("{action} {path}: {source}", path = path.display())]
     File {
@@ -111,6 +120,63 @@ pub enum ActivityError {
     /// The source needs a socket and was given a simulated connection.
     #[error("this activity source needs a socket; simulated connections need SimulatedSource")]
     NoSocket,
+
+    /// bpffs is not mounted at `/sys/fs/bpf`, and mounting it failed.
+    #[error(
+        "bpffs is not mounted at /sys/fs/bpf and lull could not mount it ({why}); mount it with \
+         `mount -t bpf bpf /sys/fs/bpf`"
+    )]
+    Bpffs {
+        /// Why the mount failed.
+        why: String,
+    },
+
+    /// Pinning, or opening a pinned, program, map or link failed.
+    #[error("{action} {path}: {}", chain(source.as_ref()), path = path.display())]
+    Pin {
+        /// "pinning", "opening" or "reading".
+        action: &'static str,
+        /// The pin.
+        path: PathBuf,
+        /// The error from aya.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    /// A pin is not what this build of lull expects.
+    #[error(
+        "{path} is not what this lull expects ({why}); remove it (processes using it lose \
+         their eBPF source)",
+        path = path.display()
+    )]
+    PinMismatch {
+        /// The pin.
+        path: PathBuf,
+        /// What differs.
+        why: String,
+    },
+
+    /// Another build of lull's programs is pinned and in use on this host.
+    #[error(
+        "{dir} holds another lull build's programs, in use by process(es) {pids:?}: stop them, \
+         or remove {dir} (which detaches those programs) and start again",
+        dir = dir.display()
+    )]
+    PinInUse {
+        /// The other build's pin directory.
+        dir: PathBuf,
+        /// Its live users.
+        pids: Vec<u32>,
+    },
+
+    /// The host's shared activity table has no free extent left.
+    #[error(
+        "the host's activity table ({rows} rows, shared by every lull process) has no free \
+         extent left; watch fewer connections, or stop other lull processes"
+    )]
+    TableFull {
+        /// Rows in the table.
+        rows: u32,
+    },
 
     /// A link of lull's programs is no longer attached to its cgroup.
     #[error(

@@ -10,8 +10,11 @@
 
 mod cgroup;
 mod error;
+mod extents;
+mod host_users;
 pub mod kernel_btf;
 mod link_health;
+mod lock_file;
 mod rows;
 mod sim;
 mod slots;
@@ -20,8 +23,12 @@ mod tcp_info;
 
 use std::os::fd::BorrowedFd;
 
-pub use cgroup::cgroup2_root;
+pub use cgroup::{
+    CgroupScope, OwnCgroup, cgroup_id, cgroup2_root, check_cgroup_dir, current_cgroup, move_self_to,
+};
 pub use error::ActivityError;
+pub use extents::EXTENT_ROWS;
+pub use host_users::{HostUser, PIN_ROOT, PinnedBuild, pinned_builds};
 pub use lull_common::flags;
 pub use sim::SimulatedSource;
 pub use slots::Slot;
