@@ -9,7 +9,7 @@ use std::{
 
 use lull_common::ActivityEntry;
 
-use super::Activity;
+use super::{Activity, ActivityError, Slot};
 
 /// One row, laid out exactly like [`ActivityEntry`] but made of atomics, because the kernel
 /// (or the simulator thread) writes it while the engine reads it.
@@ -170,6 +170,32 @@ impl Rows {
         if (index as usize) < self.capacity {
             // SAFETY: in bounds, as checked; the pointer is only used as a prefetch hint.
             crate::memory::prefetch(unsafe { self.ptr.as_ptr().add(index as usize) });
+        }
+    }
+
+    /// What `slot`'s registration sees in its row: a slot unregistered (or reused) since reads
+    /// as empty, and so does an index past the end.
+    #[inline]
+    pub(crate) fn read(&self, slot: Slot) -> Activity {
+        match self.get(slot.index).map(RowCell::read) {
+            Some((generation, activity)) if generation == slot.generation => activity,
+            _ => Activity::default(),
+        }
+    }
+
+    /// Gives `slot`'s row to its registration, both stamps starting at `baseline_ns`.
+    pub(crate) fn open(&self, slot: Slot, baseline_ns: u64) -> Result<&RowCell, ActivityError> {
+        let row = self.get(slot.index).ok_or(ActivityError::Full {
+            capacity: self.capacity as u32,
+        })?;
+        row.reset(slot.generation, baseline_ns);
+        Ok(row)
+    }
+
+    /// Retires `slot`'s row, unless it has moved on to a newer registration.
+    pub(crate) fn retire(&self, slot: Slot) {
+        if let Some(row) = self.get(slot.index) {
+            row.retire_if(slot.generation);
         }
     }
 
