@@ -153,6 +153,10 @@ impl ActivitySource for TcpInfoSource {
         Ok(activity_from(&info, monotonic_ns()))
     }
 
+    fn activity_from_tcp_info(&self, info: &libc::tcp_info, now_ns: u64) -> Option<Activity> {
+        Some(activity_from(info, now_ns))
+    }
+
     fn resolution_ns(&self) -> u64 {
         Self::RESOLUTION_NS
     }

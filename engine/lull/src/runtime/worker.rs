@@ -13,9 +13,7 @@ use std::{
 };
 
 use crate::{
-    activity::{
-        ActivitySource, Slot, SlotState, SourceKind, TcpInfoSource, activity_from, tcp_info,
-    },
+    activity::{ActivitySource, Slot, SlotState, TcpInfoSource, tcp_info},
     clock::monotonic_ns,
     policy::{OnDead, Policy, Probe},
     probe::ring::{Completion, ProbeRing},
@@ -476,17 +474,16 @@ impl Worker {
         now: u64,
     ) -> bool {
         let fd = borrow(c.fd);
-        // Kernel probing reads TCP_INFO for the kernel's verdict; with the TCP_INFO source that
-        // same reading is the activity, so the firing makes one getsockopt, not two.
+        // Kernel probing reads TCP_INFO for the kernel's verdict; a source whose reads are that
+        // same snapshot takes its activity from it, so the firing makes one getsockopt, not two.
         let info = (c.phase() == Phase::Kernel)
             .then(|| fd.map(tcp_info))
             .flatten();
-        let read = match &info {
-            Some(Ok(info)) if self.source.kind() == SourceKind::TcpInfo => {
-                Ok(activity_from(info, now))
-            }
-            _ => self.source.read(slot, fd),
+        let snapshot = match &info {
+            Some(Ok(info)) => self.source.activity_from_tcp_info(info, now),
+            _ => None,
         };
+        let read = snapshot.map_or_else(|| self.source.read(slot, fd), Ok);
         let activity = match read {
             Ok(a) => a,
             Err(err) => {
