@@ -17,6 +17,7 @@ mod memory;
 pub mod policy;
 pub mod probe;
 mod runtime;
+mod socket;
 pub mod wheel;
 
 pub use policy::{ActivityMode, Mode, OnDead, Policy, PolicyError, Probe};

@@ -27,11 +27,12 @@ use crate::{
     clock::monotonic_ns,
     policy::{Policy, Probe},
     probe::ring::ProbeRing,
+    socket::{check_socket, enable_kernel_keepalive},
 };
 
 use self::{
     shared::{Command, PolicyRegistry, Shared, watched_sockets, zeroed_stats},
-    watched::{Registration, check_socket, enable_kernel_keepalive},
+    watched::Registration,
     worker::{VIRTUAL_FD, Worker, WorkerConfig},
 };
 

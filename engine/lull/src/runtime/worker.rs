@@ -13,10 +13,11 @@ use std::{
 };
 
 use crate::{
-    activity::{ActivitySource, Slot, SlotState, TcpInfoSource, tcp_info},
+    activity::{ActivitySource, Slot, SlotState, TcpInfoSource},
     clock::monotonic_ns,
     policy::{OnDead, Policy, Probe},
     probe::ring::{Completion, ProbeRing},
+    socket::{self, tcp_info},
     wheel::{Poll, TimingWheel},
 };
 
@@ -569,11 +570,15 @@ impl Worker {
                 match (p.on_dead, fd) {
                     (OnDead::Report, _) if at.at != u64::MAX => self.rearm(local, at),
                     (OnDead::Shutdown, Some(fd)) => {
-                        shutdown(fd);
+                        if let Err(err) = socket::shutdown(fd) {
+                            tracing::debug!(conn = %id, "shutting a dead connection down: {err}");
+                        }
                         self.make_inert(local);
                     }
                     (OnDead::Reset, Some(fd)) => {
-                        reset(fd);
+                        if let Err(err) = socket::reset(fd) {
+                            tracing::debug!(conn = %id, "resetting a dead connection: {err}");
+                        }
                         self.make_inert(local);
                     }
                     _ => self.make_inert(local),
@@ -852,39 +857,4 @@ fn borrow<'a>(fd: RawFd) -> Option<BorrowedFd<'a>> {
     // SAFETY: only called for the fd of a slot this thread holds `Busy`, which its handle
     // keeps open until the slot is released (see the ground rules in `shared`).
     (fd >= 0).then(|| unsafe { BorrowedFd::borrow_raw(fd) })
-}
-
-fn shutdown(fd: BorrowedFd<'_>) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: plain syscall on a socket the caller holds.
-    unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
-}
-
-/// Aborts the connection with a RST while leaving the fd open for its owner: `SO_LINGER` 0,
-/// then `connect(AF_UNSPEC)`, which is `tcp_disconnect()` and sends the RST at once.
-fn reset(fd: BorrowedFd<'_>) {
-    use std::os::fd::AsRawFd;
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: valid option pointers of the declared size, on a socket the caller holds.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            size_of::<libc::linger>() as libc::socklen_t,
-        );
-        let unspec = libc::sockaddr {
-            sa_family: libc::AF_UNSPEC as libc::sa_family_t,
-            sa_data: [0; 14],
-        };
-        libc::connect(
-            fd.as_raw_fd(),
-            &raw const unspec,
-            size_of::<libc::sockaddr>() as libc::socklen_t,
-        );
-    }
 }
