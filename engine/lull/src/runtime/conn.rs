@@ -179,23 +179,6 @@ impl Arm {
     }
 }
 
-/// `point` (a moment in `[lo, hi]`) moved onto the grid of `grid` ns counted from `origin`:
-/// the grid point at or below it if that is still in the window, else the one above it if
-/// that is, else `point` itself (a window narrower than the grid may hold no point).
-pub(crate) fn snap(point: u64, lo: u64, hi: u64, origin: u64, grid: u64) -> u64 {
-    if grid == 0 || point < origin {
-        return point;
-    }
-    let down = point - (point - origin) % grid;
-    if down >= lo {
-        down
-    } else if down + grid <= hi {
-        down + grid
-    } else {
-        point
-    }
-}
-
 /// What to do after a timer fired.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Verdict {
