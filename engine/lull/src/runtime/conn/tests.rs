@@ -84,7 +84,7 @@ fn warm_arm(at: u64) -> Arm {
 fn decisions_follow_the_policy() {
     use ActivityMode::{RxOnly, RxOrTx};
     use Mode::{DetectDead, KeepWarm};
-    use Phase::{Dead, Inert, Probing, Watching};
+    use Phase::{Dead, Inert, Kernel, Probing, Watching};
     let cases = [
         Case {
             name: "traffic since the arm: re-arm at last rx + idle, no probe",
@@ -179,7 +179,7 @@ fn decisions_follow_the_policy() {
             want: Verdict::Dead {
                 silent: 45 * S,
                 probes: 3,
-                next: Arm::exact(150 * S),
+                next: Some(Arm::exact(150 * S)),
             },
             after: (Dead, 0),
         },
@@ -215,6 +215,29 @@ fn decisions_follow_the_policy() {
             now: 135 * S,
             want: Verdict::Closed(CloseReason::PeerReset),
             after: (Inert, 2),
+        },
+        Case {
+            name: "inert: nothing to do, not even a close to report again",
+            mode: DetectDead,
+            activity: RxOnly,
+            before: (Inert, 0, 130 * S),
+            seen: Activity {
+                flags: flags::PEER_RST,
+                ..act(100 * S, 0)
+            },
+            now: 135 * S,
+            want: Verdict::Disarm,
+            after: (Inert, 0),
+        },
+        Case {
+            name: "kernel-probed, no TCP_INFO verdict to read: look again exactly an interval on",
+            mode: DetectDead,
+            activity: RxOnly,
+            before: (Kernel, 0, 0),
+            seen: act(100 * S, 0),
+            now: 130 * S,
+            want: Verdict::Rearm(Arm::exact(135 * S)),
+            after: (Kernel, 0),
         },
         Case {
             name: "keep-warm: tx within interval, re-arm",
@@ -335,7 +358,7 @@ fn kernel_mode_reports_the_kernels_verdict() {
             Verdict::Dead {
                 silent: 100 * S,
                 probes: 3,
-                next: Arm::exact(u64::MAX),
+                next: None,
             },
         ),
         (
@@ -344,7 +367,7 @@ fn kernel_mode_reports_the_kernels_verdict() {
             Verdict::Dead {
                 silent: 100 * S,
                 probes: 3,
-                next: Arm::exact(u64::MAX),
+                next: None,
             },
         ),
         (

@@ -21,6 +21,9 @@ mod batch;
 mod placement;
 mod verdict;
 
+#[cfg(test)]
+mod tests;
+
 use std::{
     os::fd::{BorrowedFd, RawFd},
     sync::{Arc, atomic::Ordering},
@@ -348,9 +351,10 @@ impl Worker {
         self.shared.counters.wakeups.fetch_add(1, Ordering::Relaxed);
         let p = self.policies[c.policy as usize];
         let mut queued = false;
-        if c.resume != 0 {
+        if c.resume != 0 && c.phase() != Phase::Inert {
             // The last probe went out short: finish it before anything else, or the stream
-            // the peer parses is left with half a frame. It does not count as a probe.
+            // the peer parses is left with half a frame. It does not count as a probe. (Not on
+            // a connection that closed since: nothing reads that stream any more.)
             if let ProbeKind::Bytes(payload) = p.probe {
                 self.rearm(local, Arm::exact(now + p.interval_ns));
                 queued = self.batch.push_probe(local, &c, payload, c);

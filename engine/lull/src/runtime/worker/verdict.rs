@@ -51,20 +51,18 @@ impl Worker {
             }
         };
         let base = self.placement.tick_start(self.placement.tick_of(now));
-        let verdict = if c.phase() == Phase::Kernel {
-            match info {
-                Some(Ok(info)) => decide_kernel(&mut self.conns[local], p, &activity, &info, now),
-                _ => Verdict::Rearm(Arm::exact(now + p.interval_ns)),
+        let verdict = match (c.phase(), info) {
+            (Phase::Kernel, Some(Ok(info))) => {
+                decide_kernel(&mut self.conns[local], p, &activity, &info, now)
             }
-        } else {
-            decide(
+            _ => decide(
                 &mut self.conns[local],
                 p,
                 &activity,
                 now,
                 base,
                 self.resolution_ns,
-            )
+            ),
         };
         self.gauge(c.phase(), self.conns[local].phase());
         self.apply(slot, local, c, p, verdict)
@@ -117,7 +115,7 @@ impl Worker {
             Verdict::Dead {
                 silent,
                 probes,
-                next: at,
+                next,
             } => {
                 self.shared.counters.dead.fetch_add(1, Ordering::Relaxed);
                 self.emit(Event::Dead {
@@ -126,15 +124,15 @@ impl Worker {
                     probes,
                 });
                 let fd = borrow(self.conns[local].fd);
-                match (p.on_dead, fd) {
-                    (OnDead::Report, _) if at.at != u64::MAX => self.rearm(local, at),
-                    (OnDead::Shutdown, Some(fd)) => {
+                match (p.on_dead, fd, next) {
+                    (OnDead::Report, _, Some(next)) => self.rearm(local, next),
+                    (OnDead::Shutdown, Some(fd), _) => {
                         if let Err(err) = socket::shutdown(fd) {
                             tracing::debug!(conn = %id, "shutting a dead connection down: {err}");
                         }
                         self.make_inert(local);
                     }
-                    (OnDead::Reset, Some(fd)) => {
+                    (OnDead::Reset, Some(fd), _) => {
                         if let Err(err) = socket::reset(fd) {
                             tracing::debug!(conn = %id, "resetting a dead connection: {err}");
                         }
@@ -150,6 +148,9 @@ impl Worker {
             }
             Verdict::Closed(reason) => {
                 self.close(local, id, reason);
+            }
+            Verdict::Disarm => {
+                self.wheel.disarm(self.conns[local].timer);
             }
         }
         false
