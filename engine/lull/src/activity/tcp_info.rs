@@ -166,7 +166,7 @@ mod tests {
 
     #[test]
     fn milliseconds_ago_become_monotonic_stamps() {
-        // SAFETY: plain integers.
+        // SAFETY: `tcp_info` is plain integers, for which all zeroes is a valid value.
         let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
         info.tcpi_state = 1;
         info.tcpi_last_data_recv = 250;

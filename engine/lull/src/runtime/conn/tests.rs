@@ -329,7 +329,7 @@ fn coarse_sources_count_an_answer_stamped_just_before_the_probe() {
 }
 
 fn tcp_info(state: u8, probes: u8, last_ack_ms: u32) -> libc::tcp_info {
-    // SAFETY: plain integers.
+    // SAFETY: `tcp_info` is plain integers, for which all zeroes is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     info.tcpi_state = state;
     info.tcpi_probes = probes;

@@ -122,7 +122,7 @@ impl Worker {
     }
 
     pub(crate) fn run(mut self) {
-        // SAFETY: gettid has no preconditions.
+        // SAFETY: gettid takes no arguments, touches no memory and cannot fail.
         let tid = unsafe { libc::gettid() };
         self.shared.thread_id.store(tid, Ordering::Relaxed);
         loop {
@@ -406,7 +406,8 @@ fn thread_cpu_ns() -> u64 {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: a valid out-pointer; the clock always exists.
+    // SAFETY: `ts` is a valid out-pointer for the call only; the calling thread's CPU clock
+    // always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
