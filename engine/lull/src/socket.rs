@@ -18,7 +18,11 @@ use std::{
 
 use socket2::{SockAddr, SockAddrStorage, SockRef, TcpKeepalive};
 
-use crate::{WatchError, activity::TcpState, policy::Policy};
+use crate::{
+    WatchError,
+    activity::{ActivityError, TcpState},
+    policy::Policy,
+};
 
 /// A system call on a socket that failed, and which call it was.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +40,15 @@ impl From<SocketError> for WatchError {
         WatchError::Syscall {
             call: err.call,
             fd: err.fd,
+            source: err.source,
+        }
+    }
+}
+
+impl From<SocketError> for ActivityError {
+    fn from(err: SocketError) -> Self {
+        ActivityError::Syscall {
+            call: err.call,
             source: err.source,
         }
     }

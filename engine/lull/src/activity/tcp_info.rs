@@ -124,12 +124,7 @@ impl ActivitySource for TcpInfoSource {
     fn detach(&self, _slot: Slot, _fd: Option<BorrowedFd<'_>>) {}
 
     fn read(&self, _slot: Slot, fd: Option<BorrowedFd<'_>>) -> Result<Activity, ActivityError> {
-        let info = crate::socket::tcp_info(fd.ok_or(ActivityError::NoSocket)?).map_err(|err| {
-            ActivityError::Syscall {
-                call: err.call,
-                source: err.source,
-            }
-        })?;
+        let info = crate::socket::tcp_info(fd.ok_or(ActivityError::NoSocket)?)?;
         Ok(activity_from(&info, monotonic_ns()))
     }
 
