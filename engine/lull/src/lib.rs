@@ -10,6 +10,7 @@
 //! Without privileges or a built BPF object, the engine reads `TCP_INFO` instead (one system
 //! call per due connection) and says so in its log.
 #![warn(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 
 pub mod activity;
 pub mod clock;
@@ -17,6 +18,7 @@ mod memory;
 pub mod policy;
 pub mod probe;
 mod runtime;
+mod socket;
 pub mod wheel;
 
 pub use policy::{ActivityMode, Mode, OnDead, Policy, PolicyError, Probe};

@@ -12,8 +12,9 @@ pub(crate) fn advise_huge_pages<T>(ptr: *const T, bytes: usize) {
     let start = (ptr as usize).next_multiple_of(HUGE);
     let end = (ptr as usize + bytes) & !(HUGE - 1);
     if end > start {
-        // SAFETY: madvise on whole pages inside an allocation we own; MADV_HUGEPAGE changes
-        // no contents and no permissions.
+        // SAFETY: madvise takes no memory of ours to read or write, and MADV_HUGEPAGE changes
+        // no contents and no permissions of the range, so no memory is invalidated whatever
+        // the range holds (callers pass whole pages of their own allocations).
         unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
     }
 }

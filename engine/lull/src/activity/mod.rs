@@ -34,7 +34,6 @@ pub use sim::SimulatedSource;
 pub use slots::Slot;
 pub(crate) use slots::{Grace, SlotAllocator, SlotState};
 pub use table::{ActivityTable, TableOptions, bpf_object_embedded};
-pub(crate) use tcp_info::activity_from;
 pub use tcp_info::{TcpInfoSource, TcpState, tcp_info};
 
 /// What a source knows about one connection.
@@ -113,6 +112,14 @@ pub trait ActivitySource: Send + Sync + 'static {
 
     /// Reads what is known of the connection in `slot`.
     fn read(&self, slot: Slot, fd: Option<BorrowedFd<'_>>) -> Result<Activity, ActivityError>;
+
+    /// The activity this source would read from a `TCP_INFO` snapshot taken at `now_ns`, for
+    /// a source whose reads *are* such snapshots; `None` (the default) for one that keeps its
+    /// own stamps. The engine takes a snapshot anyway for kernel-probed connections, and reuses
+    /// it through this instead of making the source take a second one.
+    fn activity_from_tcp_info(&self, _info: &libc::tcp_info, _now_ns: u64) -> Option<Activity> {
+        None
+    }
 
     /// Starts loading what `read` will need for `slot` into the cache. The engine calls it for
     /// a batch of expired timers before reading any of them, so the cache misses overlap.

@@ -9,7 +9,7 @@ use std::{
 
 use lull_common::ActivityEntry;
 
-use super::Activity;
+use super::{Activity, ActivityError, Slot};
 
 /// One row, laid out exactly like [`ActivityEntry`] but made of atomics, because the kernel
 /// (or the simulator thread) writes it while the engine reads it.
@@ -103,7 +103,8 @@ pub(crate) struct Rows {
 // SAFETY: every access to the rows goes through atomics, and the mapping (or box) lives until
 // `Rows` is dropped, so sharing and sending `Rows` between threads is sound.
 unsafe impl Send for Rows {}
-// SAFETY: as above.
+// SAFETY: `&Rows` only hands out `&RowCell`, whose fields are atomics, so threads may use one
+// `Rows` at once; the mapping (or box) is not freed until `Rows` is dropped.
 unsafe impl Sync for Rows {}
 
 impl Rows {
@@ -140,8 +141,10 @@ impl Rows {
         // the first fault.
         let zeroed = vec![[0u64; 3]; capacity].into_boxed_slice();
         crate::memory::advise_huge_pages(zeroed.as_ptr(), capacity * size_of::<RowCell>());
-        // SAFETY: `RowCell` is #[repr(C)] over three `AtomicU64` (asserted the size and
-        // alignment of `[u64; 3]` below); all zeroes is its default.
+        // SAFETY: `RowCell` is #[repr(C)] over three `AtomicU64`, which have the size, alignment
+        // and bit validity of `u64` (its size and alignment are asserted to be those of
+        // `[u64; 3]` at the top of this module), so the boxed slices have the same layout, and
+        // all zeroes is a valid `RowCell` (its default).
         let mut rows: Box<[RowCell]> =
             unsafe { Box::from_raw(Box::into_raw(zeroed) as *mut [RowCell]) };
         let ptr = NonNull::new(rows.as_mut_ptr()).unwrap_or(NonNull::dangling());
@@ -173,6 +176,32 @@ impl Rows {
         }
     }
 
+    /// What `slot`'s registration sees in its row: a slot unregistered (or reused) since reads
+    /// as empty, and so does an index past the end.
+    #[inline]
+    pub(crate) fn read(&self, slot: Slot) -> Activity {
+        match self.get(slot.index).map(RowCell::read) {
+            Some((generation, activity)) if generation == slot.generation => activity,
+            _ => Activity::default(),
+        }
+    }
+
+    /// Gives `slot`'s row to its registration, both stamps starting at `baseline_ns`.
+    pub(crate) fn open(&self, slot: Slot, baseline_ns: u64) -> Result<&RowCell, ActivityError> {
+        let row = self.get(slot.index).ok_or(ActivityError::Full {
+            capacity: self.capacity as u32,
+        })?;
+        row.reset(slot.generation, baseline_ns);
+        Ok(row)
+    }
+
+    /// Retires `slot`'s row, unless it has moved on to a newer registration.
+    pub(crate) fn retire(&self, slot: Slot) {
+        if let Some(row) = self.get(slot.index) {
+            row.retire_if(slot.generation);
+        }
+    }
+
     /// The row at `index`, or `None` past the end.
     #[inline]
     pub(crate) fn get(&self, index: u32) -> Option<&RowCell> {
@@ -197,7 +226,8 @@ impl Drop for Rows {
 }
 
 fn page_size() -> usize {
-    // SAFETY: sysconf has no memory-safety preconditions.
+    // SAFETY: sysconf takes a name, touches no memory of ours, and returns -1 for a name it
+    // does not know.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     usize::try_from(page).unwrap_or(4096)
 }

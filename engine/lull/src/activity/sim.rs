@@ -79,17 +79,12 @@ impl ActivitySource for SimulatedSource {
         slot: Slot,
         baseline_ns: u64,
     ) -> Result<(), ActivityError> {
-        let row = self.rows.get(slot.index).ok_or(ActivityError::Full {
-            capacity: self.capacity(),
-        })?;
-        row.reset(slot.generation, baseline_ns);
+        self.rows.open(slot, baseline_ns)?;
         Ok(())
     }
 
     fn detach(&self, slot: Slot, _fd: Option<BorrowedFd<'_>>) {
-        if let Some(row) = self.rows.get(slot.index) {
-            row.retire_if(slot.generation);
-        }
+        self.rows.retire(slot);
     }
 
     /// A live simulated peer answers at once: its answer is payload received now.
@@ -110,9 +105,6 @@ impl ActivitySource for SimulatedSource {
 
     #[inline]
     fn read(&self, slot: Slot, _fd: Option<BorrowedFd<'_>>) -> Result<Activity, ActivityError> {
-        Ok(match self.rows.get(slot.index).map(|row| row.read()) {
-            Some((generation, activity)) if generation == slot.generation => activity,
-            _ => Activity::default(),
-        })
+        Ok(self.rows.read(slot))
     }
 }

@@ -224,10 +224,7 @@ impl ActivityTable {
     /// unregistered (or reused since) reads as empty.
     #[inline]
     pub fn read(&self, slot: Slot) -> Activity {
-        match self.rows.get(slot.index).map(|row| row.read()) {
-            Some((generation, activity)) if generation == slot.generation => activity,
-            _ => Activity::default(),
-        }
+        self.rows.read(slot)
     }
 
     /// Unregisters a slot. The kernel stops writing it at once, and it is only handed out
@@ -236,7 +233,7 @@ impl ActivityTable {
     /// The socket keeps its (now inert) storage until it closes; use
     /// [`ActivityTable::unregister_socket`] while the socket is still open to drop it at once.
     pub fn unregister(&self, slot: Slot) {
-        self.retire(slot);
+        self.rows.retire(slot);
         self.allocator.free(slot);
     }
 
@@ -254,10 +251,7 @@ impl ActivityTable {
         slot: Slot,
         baseline_ns: u64,
     ) -> Result<(), ActivityError> {
-        let row = self.rows.get(slot.index).ok_or(ActivityError::Full {
-            capacity: self.capacity(),
-        })?;
-        row.reset(slot.generation, baseline_ns);
+        let row = self.rows.open(slot, baseline_ns)?;
         let value = SlotRef {
             slot: slot.index,
             generation: slot.generation,
@@ -275,12 +269,6 @@ impl ActivityTable {
             });
         }
         Ok(())
-    }
-
-    fn retire(&self, slot: Slot) {
-        if let Some(row) = self.rows.get(slot.index) {
-            row.retire_if(slot.generation);
-        }
     }
 
     fn forget_socket(&self, fd: BorrowedFd<'_>) {
@@ -349,7 +337,7 @@ impl ActivitySource for ActivityTable {
         if let Some(fd) = fd {
             self.forget_socket(fd);
         }
-        self.retire(slot);
+        self.rows.retire(slot);
     }
 
     fn registered_rows(&self) -> Option<u64> {

@@ -1,9 +1,6 @@
 //! [`TcpInfoSource`]: the fallback activity source, one `getsockopt(TCP_INFO)` per read.
 
-use std::{
-    io,
-    os::fd::{AsRawFd, BorrowedFd},
-};
+use std::{io, os::fd::BorrowedFd};
 
 use lull_common::flags;
 
@@ -72,24 +69,7 @@ impl TcpState {
 
 /// `getsockopt(fd, IPPROTO_TCP, TCP_INFO)`.
 pub fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<libc::tcp_info> {
-    // SAFETY: tcp_info is plain integers; all zeroes is a valid value.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: `info` and `len` are valid out-pointers of the declared size.
-    let ret = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&raw mut info).cast(),
-            &mut len,
-        )
-    };
-    if ret == 0 {
-        Ok(info)
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    crate::socket::tcp_info(fd).map_err(|err| err.source)
 }
 
 /// Converts a `TCP_INFO` snapshot taken at `now_ns` into [`Activity`].
@@ -144,13 +124,12 @@ impl ActivitySource for TcpInfoSource {
     fn detach(&self, _slot: Slot, _fd: Option<BorrowedFd<'_>>) {}
 
     fn read(&self, _slot: Slot, fd: Option<BorrowedFd<'_>>) -> Result<Activity, ActivityError> {
-        let info = tcp_info(fd.ok_or(ActivityError::NoSocket)?).map_err(|source| {
-            ActivityError::Syscall {
-                call: "getsockopt(TCP_INFO)",
-                source,
-            }
-        })?;
+        let info = crate::socket::tcp_info(fd.ok_or(ActivityError::NoSocket)?)?;
         Ok(activity_from(&info, monotonic_ns()))
+    }
+
+    fn activity_from_tcp_info(&self, info: &libc::tcp_info, now_ns: u64) -> Option<Activity> {
+        Some(activity_from(info, now_ns))
     }
 
     fn resolution_ns(&self) -> u64 {
@@ -182,7 +161,7 @@ mod tests {
 
     #[test]
     fn milliseconds_ago_become_monotonic_stamps() {
-        // SAFETY: plain integers.
+        // SAFETY: `tcp_info` is plain integers, for which all zeroes is a valid value.
         let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
         info.tcpi_state = 1;
         info.tcpi_last_data_recv = 250;

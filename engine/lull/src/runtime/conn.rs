@@ -179,23 +179,6 @@ impl Arm {
     }
 }
 
-/// `point` (a moment in `[lo, hi]`) moved onto the grid of `grid` ns counted from `origin`:
-/// the grid point at or below it if that is still in the window, else the one above it if
-/// that is, else `point` itself (a window narrower than the grid may hold no point).
-pub(crate) fn snap(point: u64, lo: u64, hi: u64, origin: u64, grid: u64) -> u64 {
-    if grid == 0 || point < origin {
-        return point;
-    }
-    let down = point - (point - origin) % grid;
-    if down >= lo {
-        down
-    } else if down + grid <= hi {
-        down + grid
-    } else {
-        point
-    }
-}
-
 /// What to do after a timer fired.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Verdict {
@@ -206,12 +189,20 @@ pub(crate) enum Verdict {
     /// The last probe was answered: `rtt` ns after it went out. Re-arm.
     Answered { rtt: u64, next: Arm },
     /// The peer is dead after `probes` unanswered probes and `silent` ns of silence. Re-arm
-    /// to watch for a revival, unless the policy acts on the socket (or `next.at` is `MAX`).
-    Dead { silent: u64, probes: u32, next: Arm },
+    /// at `next` to watch for a revival, unless the policy acts on the socket; `None` when
+    /// nothing can revive it (the kernel gave up and closed the socket).
+    Dead {
+        silent: u64,
+        probes: u32,
+        next: Option<Arm>,
+    },
     /// A dead connection received payload again. Re-arm.
     Revived(Arm),
     /// The connection closed.
     Closed(CloseReason),
+    /// The connection is inert: nothing will happen to it until its handle is dropped, so its
+    /// timer is disarmed rather than filed for a far future the wheel would keep cascading.
+    Disarm,
 }
 
 /// The decision when `c`'s timer fires at `now`, given what the source saw.
@@ -228,10 +219,6 @@ pub(crate) fn decide(
     base: u64,
     resolution: u64,
 ) -> Verdict {
-    if a.closed() {
-        c.set_phase(Phase::Inert);
-        return Verdict::Closed(CloseReason::from_flags(a.flags));
-    }
     let answered = a.last_rx_ns != 0 && a.last_rx_ns + resolution >= c.mark();
     let idle_after = |last: u64| Arm {
         at: last + p.idle_ns,
@@ -239,7 +226,16 @@ pub(crate) fn decide(
     };
     let interval = Arm::exact(base + p.interval_ns);
     match (p.mode, c.phase()) {
-        (_, Phase::Inert | Phase::Kernel) => Verdict::Rearm(Arm::exact(u64::MAX)),
+        // Closed or acted on already: an inert connection fires only if a new policy asked for
+        // a look, and there is nothing to look at (nor a close to report again).
+        (_, Phase::Inert) => Verdict::Disarm,
+        // The kernel's verdict needs a `TCP_INFO` snapshot (`decide_kernel`); without one,
+        // look again an interval on.
+        (_, Phase::Kernel) => Verdict::Rearm(Arm::exact(now + p.interval_ns)),
+        _ if a.closed() => {
+            c.set_phase(Phase::Inert);
+            Verdict::Closed(CloseReason::from_flags(a.flags))
+        }
         (Mode::KeepWarm, _) => {
             // Our own probes are tx too, so this is "one probe per interval of tx silence";
             // the mark covers sources whose tx stamp is coarser than a probe.
@@ -299,7 +295,7 @@ pub(crate) fn decide(
             Verdict::Dead {
                 silent: now.saturating_sub(a.last_rx_ns),
                 probes,
-                next: interval,
+                next: Some(interval),
             }
         }
         (Mode::DetectDead, Phase::Dead) => {
@@ -346,7 +342,7 @@ pub(crate) fn decide_kernel(
         return Verdict::Dead {
             silent: now.saturating_sub(a.last_rx_ns),
             probes: u32::from(info.tcpi_probes).max(p.count),
-            next: Arm::exact(u64::MAX),
+            next: None,
         };
     }
     let bits = a.flags | state.close_flags();

@@ -27,11 +27,12 @@ use crate::{
     clock::monotonic_ns,
     policy::{Policy, Probe},
     probe::ring::ProbeRing,
+    socket::{check_socket, enable_kernel_keepalive},
 };
 
 use self::{
     shared::{Command, PolicyRegistry, Shared, watched_sockets, zeroed_stats},
-    watched::{Registration, check_socket, enable_kernel_keepalive},
+    watched::Registration,
     worker::{VIRTUAL_FD, Worker, WorkerConfig},
 };
 
@@ -483,7 +484,8 @@ impl Engine {
         let mut fields = rest.split_whitespace().skip(11);
         let utime: u64 = fields.next()?.parse().ok()?;
         let stime: u64 = fields.next()?.parse().ok()?;
-        // SAFETY: sysconf has no preconditions.
+        // SAFETY: sysconf takes a name, touches no memory of ours, and returns -1 for a name it
+        // does not know.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
         let ticks = |t: u64| Duration::from_nanos(t * 1_000_000_000 / hz);
         Some((ticks(utime), ticks(stime)))

@@ -3,13 +3,12 @@
 use std::{
     io,
     ops::{Deref, DerefMut},
-    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    os::fd::{AsFd, BorrowedFd},
     sync::Arc,
-    time::Duration,
 };
 
 use crate::{
-    activity::{ActivityError, Slot, SlotState, TcpState, tcp_info},
+    activity::{ActivityError, Slot, SlotState, TcpState},
     policy::{Policy, PolicyError},
 };
 
@@ -77,183 +76,6 @@ pub enum WatchError {
     /// The engine has shut down.
     #[error("the engine has shut down")]
     EngineStopped,
-}
-
-/// What [`check_socket`] found out about an fd.
-pub(crate) struct SocketIdentity {
-    pub(crate) inode: u64,
-}
-
-/// Refuses anything but a connected TCP socket, with an error that says what it is instead.
-pub(crate) fn check_socket(fd: BorrowedFd<'_>) -> Result<SocketIdentity, WatchError> {
-    let raw = fd.as_raw_fd();
-    // SAFETY: `st` is a valid out-pointer; all-zero is a valid `stat`.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    if unsafe { libc::fstat(raw, &mut st) } != 0 {
-        let err = io::Error::last_os_error();
-        return Err(if err.raw_os_error() == Some(libc::EBADF) {
-            WatchError::ClosedFd(raw)
-        } else {
-            WatchError::Syscall {
-                call: "fstat",
-                fd: raw,
-                source: err,
-            }
-        });
-    }
-    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
-        return Err(WatchError::NotSocket(raw));
-    }
-    let domain = sockopt_int(
-        fd,
-        libc::SOL_SOCKET,
-        libc::SO_DOMAIN,
-        "getsockopt(SO_DOMAIN)",
-    )?;
-    let ty = sockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE, "getsockopt(SO_TYPE)")?;
-    let protocol = sockopt_int(
-        fd,
-        libc::SOL_SOCKET,
-        libc::SO_PROTOCOL,
-        "getsockopt(SO_PROTOCOL)",
-    )?;
-    let kind = match (domain, ty, protocol) {
-        (libc::AF_INET | libc::AF_INET6, libc::SOCK_STREAM, libc::IPPROTO_TCP) => None,
-        (libc::AF_INET | libc::AF_INET6, libc::SOCK_DGRAM, _) => Some("UDP"),
-        (libc::AF_INET | libc::AF_INET6, _, libc::IPPROTO_SCTP) => Some("SCTP"),
-        (libc::AF_UNIX, _, _) => Some("Unix"),
-        (libc::AF_INET | libc::AF_INET6, libc::SOCK_RAW, _) => Some("raw"),
-        _ => Some("non-TCP"),
-    };
-    if let Some(kind) = kind {
-        return Err(WatchError::NotTcp { fd: raw, kind });
-    }
-    if sockopt_int(
-        fd,
-        libc::SOL_SOCKET,
-        libc::SO_ACCEPTCONN,
-        "getsockopt(SO_ACCEPTCONN)",
-    )? != 0
-    {
-        return Err(WatchError::Listening(raw));
-    }
-    let info = tcp_info(fd).map_err(|source| WatchError::Syscall {
-        call: "getsockopt(TCP_INFO)",
-        fd: raw,
-        source,
-    })?;
-    let state = TcpState::from_raw(info.tcpi_state);
-    if state != TcpState::Established {
-        return Err(WatchError::NotConnected { fd: raw, state });
-    }
-    Ok(SocketIdentity { inode: st.st_ino })
-}
-
-fn sockopt_int(
-    fd: BorrowedFd<'_>,
-    level: libc::c_int,
-    name: libc::c_int,
-    call: &'static str,
-) -> Result<libc::c_int, WatchError> {
-    let mut value: libc::c_int = 0;
-    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `value`/`len` are valid out-pointers of the declared size.
-    let ret = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&raw mut value).cast(),
-            &mut len,
-        )
-    };
-    if ret == 0 {
-        Ok(value)
-    } else {
-        Err(WatchError::Syscall {
-            call,
-            fd: fd.as_raw_fd(),
-            source: io::Error::last_os_error(),
-        })
-    }
-}
-
-/// Sets an integer socket option.
-pub(crate) fn set_sockopt_int(
-    fd: BorrowedFd<'_>,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-    call: &'static str,
-) -> Result<(), WatchError> {
-    // SAFETY: `value` is a valid c_int for the duration of the call.
-    let ret = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&raw const value).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if ret == 0 {
-        Ok(())
-    } else {
-        Err(WatchError::Syscall {
-            call,
-            fd: fd.as_raw_fd(),
-            source: io::Error::last_os_error(),
-        })
-    }
-}
-
-/// Hands a kernel-probed socket to the kernel's keepalive, with the policy's timings, and
-/// `TCP_USER_TIMEOUT` at the same bound so that unacknowledged data cannot stall detection
-/// (keepalive probes are not sent while data is in flight; retransmissions are, and the user
-/// timeout caps how long they may go unanswered).
-pub(crate) fn enable_kernel_keepalive(
-    fd: BorrowedFd<'_>,
-    policy: &Policy,
-) -> Result<(), WatchError> {
-    let secs = |d: Duration| libc::c_int::try_from(d.as_secs().max(1)).unwrap_or(libc::c_int::MAX);
-    let bound_ms =
-        libc::c_int::try_from(policy.detection_bound().as_millis()).unwrap_or(libc::c_int::MAX);
-    set_sockopt_int(
-        fd,
-        libc::SOL_SOCKET,
-        libc::SO_KEEPALIVE,
-        1,
-        "setsockopt(SO_KEEPALIVE)",
-    )?;
-    set_sockopt_int(
-        fd,
-        libc::IPPROTO_TCP,
-        libc::TCP_KEEPIDLE,
-        secs(policy.idle),
-        "setsockopt(TCP_KEEPIDLE)",
-    )?;
-    set_sockopt_int(
-        fd,
-        libc::IPPROTO_TCP,
-        libc::TCP_KEEPINTVL,
-        secs(policy.interval),
-        "setsockopt(TCP_KEEPINTVL)",
-    )?;
-    set_sockopt_int(
-        fd,
-        libc::IPPROTO_TCP,
-        libc::TCP_KEEPCNT,
-        policy.count as libc::c_int,
-        "setsockopt(TCP_KEEPCNT)",
-    )?;
-    set_sockopt_int(
-        fd,
-        libc::IPPROTO_TCP,
-        libc::TCP_USER_TIMEOUT,
-        bound_ms,
-        "setsockopt(TCP_USER_TIMEOUT)",
-    )
 }
 
 /// The engine-side identity of a watched connection; stopping the watch is `deregister`.

@@ -84,7 +84,7 @@ fn warm_arm(at: u64) -> Arm {
 fn decisions_follow_the_policy() {
     use ActivityMode::{RxOnly, RxOrTx};
     use Mode::{DetectDead, KeepWarm};
-    use Phase::{Dead, Inert, Probing, Watching};
+    use Phase::{Dead, Inert, Kernel, Probing, Watching};
     let cases = [
         Case {
             name: "traffic since the arm: re-arm at last rx + idle, no probe",
@@ -179,7 +179,7 @@ fn decisions_follow_the_policy() {
             want: Verdict::Dead {
                 silent: 45 * S,
                 probes: 3,
-                next: Arm::exact(150 * S),
+                next: Some(Arm::exact(150 * S)),
             },
             after: (Dead, 0),
         },
@@ -215,6 +215,29 @@ fn decisions_follow_the_policy() {
             now: 135 * S,
             want: Verdict::Closed(CloseReason::PeerReset),
             after: (Inert, 2),
+        },
+        Case {
+            name: "inert: nothing to do, not even a close to report again",
+            mode: DetectDead,
+            activity: RxOnly,
+            before: (Inert, 0, 130 * S),
+            seen: Activity {
+                flags: flags::PEER_RST,
+                ..act(100 * S, 0)
+            },
+            now: 135 * S,
+            want: Verdict::Disarm,
+            after: (Inert, 0),
+        },
+        Case {
+            name: "kernel-probed, no TCP_INFO verdict to read: look again exactly an interval on",
+            mode: DetectDead,
+            activity: RxOnly,
+            before: (Kernel, 0, 0),
+            seen: act(100 * S, 0),
+            now: 130 * S,
+            want: Verdict::Rearm(Arm::exact(135 * S)),
+            after: (Kernel, 0),
         },
         Case {
             name: "keep-warm: tx within interval, re-arm",
@@ -306,7 +329,7 @@ fn coarse_sources_count_an_answer_stamped_just_before_the_probe() {
 }
 
 fn tcp_info(state: u8, probes: u8, last_ack_ms: u32) -> libc::tcp_info {
-    // SAFETY: plain integers.
+    // SAFETY: `tcp_info` is plain integers, for which all zeroes is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     info.tcpi_state = state;
     info.tcpi_probes = probes;
@@ -335,7 +358,7 @@ fn kernel_mode_reports_the_kernels_verdict() {
             Verdict::Dead {
                 silent: 100 * S,
                 probes: 3,
-                next: Arm::exact(u64::MAX),
+                next: None,
             },
         ),
         (
@@ -344,7 +367,7 @@ fn kernel_mode_reports_the_kernels_verdict() {
             Verdict::Dead {
                 silent: 100 * S,
                 probes: 3,
-                next: Arm::exact(u64::MAX),
+                next: None,
             },
         ),
         (
@@ -366,27 +389,5 @@ fn kernel_mode_reports_the_kernels_verdict() {
             "{bits:#x} {}",
             info.tcpi_state
         );
-    }
-}
-
-#[test]
-fn snapping_stays_inside_the_window() {
-    // (point, lo, hi, origin, grid) -> where it fires
-    let cases = [
-        (1_005, 1_000, 1_010, 0, 8, 1_000), // down onto 1000, inside
-        (1_012, 1_010, 1_030, 0, 8, 1_016), // 1008 is below lo: up to 1016
-        (1_011, 1_009, 1_015, 0, 8, 1_011), // no grid point in [1009, 1015]
-        (1_011, 1_009, 1_016, 0, 8, 1_016), // the upper edge is still inside
-        (1_005, 1_000, 1_010, 3, 8, 1_003), // the grid starts at the origin
-        (1_005, 1_000, 1_010, 0, 0, 1_005), // no grid
-        (2, 0, 10, 5, 8, 2),                // before the origin
-    ];
-    for (point, lo, hi, origin, grid, want) in cases {
-        let got = snap(point, lo, hi, origin, grid);
-        assert_eq!(
-            got, want,
-            "snap({point}, [{lo}, {hi}], origin {origin}, grid {grid})"
-        );
-        assert!((lo..=hi).contains(&got));
     }
 }

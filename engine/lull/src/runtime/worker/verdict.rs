@@ -1,0 +1,231 @@
+//! What a firing does: read the connection's activity, decide, and act on the verdict, from
+//! re-arming its timer to sending a probe, reporting it dead or putting it to rest.
+
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use crate::{
+    activity::Slot,
+    policy::OnDead,
+    socket::{self, tcp_info},
+};
+
+use super::{
+    super::{
+        CloseReason, ConnId, Event,
+        conn::{Arm, CompiledPolicy, ConnState, Phase, ProbeKind, Verdict, decide, decide_kernel},
+    },
+    Worker, borrow,
+};
+
+impl Worker {
+    /// Reads the connection's activity and acts on the verdict. Returns whether a request on
+    /// its fd was queued.
+    pub(super) fn evaluate(
+        &mut self,
+        slot: Slot,
+        local: usize,
+        c: ConnState,
+        p: &CompiledPolicy,
+        now: u64,
+    ) -> bool {
+        let fd = borrow(c.fd);
+        // Kernel probing reads TCP_INFO for the kernel's verdict; a source whose reads are that
+        // same snapshot takes its activity from it, so the firing makes one getsockopt, not two.
+        let info = (c.phase() == Phase::Kernel)
+            .then(|| fd.map(tcp_info))
+            .flatten();
+        let snapshot = match &info {
+            Some(Ok(info)) => self.source.activity_from_tcp_info(info, now),
+            _ => None,
+        };
+        let read = snapshot.map_or_else(|| self.source.read(slot, fd), Ok);
+        let activity = match read {
+            Ok(a) => a,
+            Err(err) => {
+                tracing::debug!(conn = %ConnId::from_slot(slot), "reading activity: {err}");
+                self.rearm(local, Arm::exact(now + p.interval_ns));
+                return false;
+            }
+        };
+        let base = self.placement.tick_start(self.placement.tick_of(now));
+        let verdict = match (c.phase(), info) {
+            (Phase::Kernel, Some(Ok(info))) => {
+                decide_kernel(&mut self.conns[local], p, &activity, &info, now)
+            }
+            _ => decide(
+                &mut self.conns[local],
+                p,
+                &activity,
+                now,
+                base,
+                self.resolution_ns,
+            ),
+        };
+        self.gauge(c.phase(), self.conns[local].phase());
+        self.apply(slot, local, c, p, verdict)
+    }
+
+    fn apply(
+        &mut self,
+        slot: Slot,
+        local: usize,
+        before: ConnState,
+        p: &CompiledPolicy,
+        verdict: Verdict,
+    ) -> bool {
+        let id = ConnId::from_slot(slot);
+        match verdict {
+            Verdict::Rearm(at) => {
+                if before.phase() == Phase::Watching {
+                    self.shared
+                        .counters
+                        .wakeups_rearmed
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                self.rearm(local, at);
+            }
+            Verdict::Probe(at) => {
+                self.rearm(local, at);
+                match p.probe {
+                    ProbeKind::Bytes(payload) => {
+                        return self
+                            .batch
+                            .push_probe(local, &self.conns[local], payload, before);
+                    }
+                    ProbeKind::Callback => {
+                        self.emit(Event::ProbeDue { id });
+                        self.count_sent(local);
+                    }
+                    ProbeKind::Kernel => {}
+                }
+            }
+            Verdict::Answered { rtt, next: at } => {
+                self.shared
+                    .counters
+                    .probes_answered
+                    .fetch_add(1, Ordering::Relaxed);
+                if let Some(cell) = self.shared.stats.get(local) {
+                    cell.add_answered(rtt);
+                }
+                self.rearm(local, at);
+            }
+            Verdict::Dead {
+                silent,
+                probes,
+                next,
+            } => {
+                self.shared.counters.dead.fetch_add(1, Ordering::Relaxed);
+                self.emit(Event::Dead {
+                    id,
+                    after: Duration::from_nanos(silent),
+                    probes,
+                });
+                let fd = borrow(self.conns[local].fd);
+                match (p.on_dead, fd, next) {
+                    (OnDead::Report, _, Some(next)) => self.rearm(local, next),
+                    (OnDead::Shutdown, Some(fd), _) => {
+                        if let Err(err) = socket::shutdown(fd) {
+                            tracing::debug!(conn = %id, "shutting a dead connection down: {err}");
+                        }
+                        self.make_inert(local);
+                    }
+                    (OnDead::Reset, Some(fd), _) => {
+                        if let Err(err) = socket::reset(fd) {
+                            tracing::debug!(conn = %id, "resetting a dead connection: {err}");
+                        }
+                        self.make_inert(local);
+                    }
+                    _ => self.make_inert(local),
+                }
+            }
+            Verdict::Revived(at) => {
+                self.shared.counters.revived.fetch_add(1, Ordering::Relaxed);
+                self.emit(Event::Revived { id });
+                self.rearm(local, at);
+            }
+            Verdict::Closed(reason) => {
+                self.close(local, id, reason);
+            }
+            Verdict::Disarm => {
+                self.wheel.disarm(self.conns[local].timer);
+            }
+        }
+        false
+    }
+
+    fn make_inert(&mut self, local: usize) {
+        let c = &mut self.conns[local];
+        let old = c.phase();
+        c.set_phase(Phase::Inert);
+        let timer = c.timer;
+        self.wheel.disarm(timer);
+        self.gauge(old, Phase::Inert);
+    }
+
+    pub(super) fn close(&mut self, local: usize, id: ConnId, reason: CloseReason) {
+        self.shared.counters.closed.fetch_add(1, Ordering::Relaxed);
+        self.emit(Event::Closed { id, reason });
+        self.make_inert(local);
+    }
+
+    /// Re-arms `local`'s timer for the moment `arm` is placed at, and never for the tick under
+    /// way: that one has been polled already.
+    pub(super) fn rearm(&mut self, local: usize, arm: Arm) {
+        let at_ns = self.placement.place(arm);
+        let tick = self
+            .placement
+            .deadline_tick(at_ns)
+            .max(self.wheel.now() + 1);
+        let timer = self.conns[local].timer;
+        self.wheel.reset(timer, tick);
+    }
+
+    /// Keeps the per-phase gauges in step with a phase change.
+    pub(super) fn gauge(&self, from: Phase, to: Phase) {
+        if from != to {
+            self.ungauge(from);
+            if let Some(gauge) = self.phase_gauge(to) {
+                gauge.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Takes a connection in `phase` out of the gauges (it is no longer watched).
+    pub(super) fn ungauge(&self, phase: Phase) {
+        if let Some(gauge) = self.phase_gauge(phase) {
+            gauge.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn phase_gauge(&self, phase: Phase) -> Option<&AtomicU64> {
+        let counters = &self.shared.counters;
+        match phase {
+            Phase::Probing => Some(&counters.probing),
+            Phase::Dead => Some(&counters.dead_now),
+            Phase::Inert => Some(&counters.inert_now),
+            Phase::Watching | Phase::Kernel => None,
+        }
+    }
+
+    fn emit(&self, event: Event) {
+        if let Err(flume::TrySendError::Full(_)) = self.shared.events.try_send(event) {
+            self.shared
+                .counters
+                .events_dropped
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(super) fn count_sent(&self, local: usize) {
+        self.shared
+            .counters
+            .probes_sent
+            .fetch_add(1, Ordering::Relaxed);
+        if let Some(cell) = self.shared.stats.get(local) {
+            cell.add_sent();
+        }
+    }
+}
