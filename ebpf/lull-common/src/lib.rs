@@ -9,22 +9,35 @@
 pub const SLOTS_MAP: &str = "LULL_SLOTS";
 /// Name of the `BPF_F_MMAPABLE` array of [`ActivityEntry`], indexed by slot.
 pub const ACTIVITY_MAP: &str = "LULL_ACTIVITY";
-/// Name of the `cgroup_skb/ingress` program.
+/// Name of the `cgroup_skb/ingress` program: stamps received payload and acknowledged sends.
 pub const INGRESS_PROG: &str = "lull_ingress";
-/// Name of the `cgroup_skb/egress` program.
-pub const EGRESS_PROG: &str = "lull_egress";
-/// Name of the `sock_ops` program.
+/// Name of the `sock_ops` program: turns state changes into close flags.
 pub const SOCK_OPS_PROG: &str = "lull_sock_ops";
+/// Name of a `cgroup_skb/ingress` program that does nothing: the hook's own cost, which the
+/// `ebpf-overhead` benchmark measures as the floor lull's program is compared against.
+pub const EMPTY_INGRESS_PROG: &str = "lull_empty_ingress";
+
+/// Read-only global: the byte offset of `struct sock::sk_err` in this kernel (0: unknown, and
+/// the program does not read it). Set by userspace from the kernel's BTF at load time.
+pub const SK_ERR_OFFSET_GLOBAL: &str = "LULL_SK_ERR_OFFSET";
+/// Read-only global: the byte offset of `struct inet_connection_sock::icsk_probes_out`
+/// (0: unknown).
+pub const PROBES_OUT_OFFSET_GLOBAL: &str = "LULL_PROBES_OUT_OFFSET";
 
 /// `max_entries` of [`ACTIVITY_MAP`] in the object file. Userspace overrides it at load time
 /// with the engine's capacity, so this only has to be a valid placeholder.
 pub const DEFAULT_TABLE_ENTRIES: u32 = 1024;
 
-/// The value userspace stores in [`SLOTS_MAP`] for a registered socket.
+/// The value userspace stores in [`SLOTS_MAP`] for a registered socket, and the program's
+/// own per-socket bookkeeping.
 ///
-/// `generation` must equal the generation in [`ActivityEntry::state`] of the slot for the kernel to write there. That is
-/// what keeps a socket that was unregistered (or whose storage outlived its slot) from
-/// stamping a slot that has since been handed to another socket.
+/// `generation` must equal the generation in [`ActivityEntry::state`] of the slot for the
+/// kernel to write there. That is what keeps a socket that was unregistered (or whose storage
+/// outlived its slot) from stamping a slot that has since been handed to another socket.
+///
+/// The jiffies fields make the per-packet path cheap: a packet in the same jiffy as the last
+/// stamp of both directions costs one storage lookup and one compare, and the shared row (a
+/// cache line userspace reads) is written at most once per jiffy per direction.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SlotRef {
@@ -32,19 +45,45 @@ pub struct SlotRef {
     pub slot: u32,
     /// Generation of the registration. Never 0 for a live registration.
     pub generation: u32,
+    /// Kernel jiffies of the last rx stamp (0: none yet). Written by the program only.
+    pub rx_jiffies: u64,
+    /// Kernel jiffies of the last tx stamp (0: none yet). Written by the program only.
+    pub tx_jiffies: u64,
+    /// The last acknowledgement number the peer sent (0: none seen since registration, and the
+    /// program compares the first with the socket's own `snd_una`). An ACK that moves it is
+    /// the peer's kernel taking new data of ours: that is what counts as tx activity.
+    pub acked: u32,
+    /// Zero.
+    pub reserved: u32,
+}
+
+impl SlotRef {
+    /// A fresh registration of `slot` at `generation`, with no stamps yet.
+    pub const fn new(slot: u32, generation: u32) -> Self {
+        Self {
+            slot,
+            generation,
+            rx_jiffies: 0,
+            tx_jiffies: 0,
+            acked: 0,
+            reserved: 0,
+        }
+    }
 }
 
 /// One row of the activity table: what the kernel saw of one registered socket.
 ///
-/// Stamps are `bpf_ktime_get_ns()`, which is `CLOCK_MONOTONIC`. Only segments that carry
-/// payload move a stamp: a pure ACK is not a sign of life from the peer's *application*, and a
-/// retransmission is not new activity from ours.
+/// Stamps are `bpf_ktime_get_ns()`, which is `CLOCK_MONOTONIC`, taken at the first packet of
+/// a jiffy that moves them: a stamp may be up to one jiffy older than the last such packet.
+/// Only received payload moves `last_rx_ns`: a pure ACK is not a sign of life from the peer's
+/// *application*. `last_tx_ns` moves when the peer acknowledges new data of ours, so a
+/// retransmission that nobody acknowledges is not activity.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ActivityEntry {
     /// Last time a segment with payload was received.
     pub last_rx_ns: u64,
-    /// Last time a segment with new payload was sent (retransmissions excluded).
+    /// Last time the peer acknowledged new data we sent.
     pub last_tx_ns: u64,
     /// The registration's generation in the high 32 bits (0 while the slot is free), and
     /// [`flags`] in the low 32 bits. One word, because the BPF target only has 64-bit atomics
@@ -85,8 +124,12 @@ pub mod flags {
     /// The socket moved to `TCP_CLOSE` (seen by `sock_ops`, which covers timeouts that send
     /// nothing on the wire).
     pub const STATE_CLOSE: u32 = 1 << 4;
-    /// This side retransmitted since the peer last sent payload: the path may be black-holed.
-    pub const RETRANSMITTING: u32 = 1 << 5;
+    /// The kernel gave up on the connection (`sk_err` was `ETIMEDOUT`): keepalive probes or
+    /// retransmissions went unanswered, or `TCP_USER_TIMEOUT` expired.
+    pub const TIMED_OUT: u32 = 1 << 5;
+    /// With [`TIMED_OUT`]: keepalive probes were outstanding, so it was keepalive that gave up
+    /// (not a retransmission or user timeout of unacknowledged data).
+    pub const KEEPALIVE_EXPIRED: u32 = 1 << 6;
 
     /// Any of the bits that mean the connection is over, or half over.
     pub const CLOSED_MASK: u32 = PEER_FIN | PEER_RST | LOCAL_FIN | LOCAL_RST | STATE_CLOSE;
@@ -102,4 +145,4 @@ mod user {
 }
 
 const _: () = assert!(core::mem::size_of::<ActivityEntry>() == 24);
-const _: () = assert!(core::mem::size_of::<SlotRef>() == 8);
+const _: () = assert!(core::mem::size_of::<SlotRef>() == 32);

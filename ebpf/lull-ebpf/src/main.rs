@@ -1,16 +1,19 @@
 //! lull's kernel half.
 //!
-//! Three programs share two maps:
+//! Two programs share two maps:
 //! - `LULL_SLOTS`, socket-local storage: for a socket that userspace registered, the slot it owns
-//!   in the table, with a generation. Userspace writes it by fd; the kernel frees it with the
-//!   socket.
+//!   in the table, with a generation, and the program's own per-socket bookkeeping. Userspace
+//!   writes it by fd; the kernel frees it with the socket.
 //! - `LULL_ACTIVITY`, a `BPF_F_MMAPABLE` array that userspace maps into its own memory: per slot,
-//!   the last time payload was received and sent, and close flags.
+//!   the last time payload was received, the last time the peer acknowledged new data, and
+//!   close flags.
 //!
-//! `cgroup_skb` programs see every packet of every socket in the cgroup, including sockets
-//! opened before they were attached, so registration alone is enough to start tracking. A
-//! socket that is not registered costs exactly one storage lookup per packet. `sock_ops` adds
-//! the one thing packets cannot show: a socket that died of a timeout without sending anything.
+//! The `cgroup_skb` ingress program sees every packet of every socket in the cgroup it is
+//! attached to, including sockets opened before it was attached, so registration alone starts
+//! tracking. A socket that is not registered costs exactly one storage lookup per packet; a
+//! registered one a lookup and a jiffies compare, and a header read and a row write once per
+//! jiffy. The `sock_ops` program sees what packets cannot show: our own FIN and RST, and a
+//! socket the kernel closed on a timeout. Nothing runs on egress.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 // Atomic OR/AND on the flags word; see `programs::set_flag`.

@@ -1,27 +1,44 @@
 use core::{
-    intrinsics::{AtomicOrdering, atomic_and, atomic_or},
+    intrinsics::{AtomicOrdering, atomic_or},
     ptr,
 };
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_MMAPABLE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, bpf_sock,
+        __sk_buff, BPF_F_MMAPABLE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        bpf_sock,
     },
     btf_maps::{Array, SkStorage},
-    helpers::generated::{bpf_ktime_get_ns, bpf_sk_storage_get, bpf_tcp_sock},
+    helpers::generated::{
+        bpf_jiffies64, bpf_ktime_get_ns, bpf_sk_storage_get, bpf_skc_to_tcp_sock, bpf_tcp_sock,
+    },
     macros::{btf_map, cgroup_skb, sock_ops},
     programs::{SkBuffContext, SockOpsContext},
 };
-use aya_log_ebpf::{debug, warn};
+use aya_log_ebpf::debug;
 use lull_common::{ActivityEntry, DEFAULT_TABLE_ENTRIES, SlotRef, flags};
 
 /// Returned by `cgroup_skb` programs to let the packet through. lull only observes.
 const PASS: i32 = 1;
-/// `TCP_CLOSE` from `include/net/tcp_states.h`.
+/// Returned by `sock_ops` programs: the callback's own result does not matter to lull.
+const SOCK_OPS_OK: u32 = 1;
+
+/// TCP states (`include/net/tcp_states.h`) the close classification needs.
+const TCP_ESTABLISHED: u32 = 1;
+const TCP_SYN_SENT: u32 = 2;
+const TCP_SYN_RECV: u32 = 3;
+const TCP_FIN_WAIT1: u32 = 4;
 const TCP_CLOSE: u32 = 7;
+const TCP_CLOSE_WAIT: u32 = 8;
+const TCP_LAST_ACK: u32 = 9;
+
 const TCP_FIN: u8 = 0x01;
 const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+const ECONNRESET: i32 = 104;
+const ETIMEDOUT: i32 = 110;
 
 #[btf_map]
 static LULL_SLOTS: SkStorage<SlotRef> = SkStorage::new();
@@ -33,6 +50,15 @@ static LULL_ACTIVITY: Array<
     { BPF_F_MMAPABLE as usize },
 > = Array::new();
 
+/// Byte offset of `struct sock::sk_err` in the running kernel, from its BTF (0: unknown).
+/// In `.rodata`, which the loader freezes, so the verifier treats it as a constant.
+#[unsafe(no_mangle)]
+static LULL_SK_ERR_OFFSET: u32 = 0;
+
+/// Byte offset of `struct inet_connection_sock::icsk_probes_out` (0: unknown).
+#[unsafe(no_mangle)]
+static LULL_PROBES_OUT_OFFSET: u32 = 0;
+
 #[cgroup_skb]
 pub fn lull_ingress(ctx: SkBuffContext) -> i32 {
     match try_lull_ingress(&ctx) {
@@ -41,219 +67,302 @@ pub fn lull_ingress(ctx: SkBuffContext) -> i32 {
 }
 
 #[cgroup_skb]
-pub fn lull_egress(ctx: SkBuffContext) -> i32 {
-    match try_lull_egress(&ctx) {
-        Ok(()) | Err(()) => PASS,
-    }
+pub fn lull_empty_ingress(_ctx: SkBuffContext) -> i32 {
+    PASS
 }
 
 #[sock_ops]
 pub fn lull_sock_ops(ctx: SockOpsContext) -> u32 {
     match try_lull_sock_ops(&ctx) {
-        Ok(()) | Err(()) => 1,
+        Ok(()) | Err(()) => SOCK_OPS_OK,
     }
 }
 
+/// The per-packet path. For a socket lull does not watch it is one storage lookup. For a
+/// watched one it is that lookup and a jiffies compare, unless a stamp is stale: then the
+/// header is read in place (no helper call) and the row written once for this jiffy.
+///
+/// Everything the engine needs comes in on this side of the socket: payload from the peer,
+/// the peer's acknowledgements of our payload (tx progress, which retransmissions never make),
+/// and the peer's FIN and RST. Our own FIN and RST, and timeouts, come from `sock_ops`.
 fn try_lull_ingress(ctx: &SkBuffContext) -> Result<(), ()> {
-    let Some((_, entry)) = registered_entry(ctx)? else {
+    let skb = ctx.skb.skb;
+    // SAFETY: reading a context field; the verifier rewrites it to a checked load.
+    let sk = unsafe { (*skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return Ok(());
+    }
+    let Some(st) = slot_ref(sk.cast()) else {
         return Ok(());
     };
-    let seg = Segment::parse(ctx)?;
-    if seg.tcp_flags & TCP_RST != 0 {
-        set_flag(entry, flags::PEER_RST);
+    // SAFETY: the helper takes no arguments; the verifier inlines it as a load of jiffies.
+    let now_j = unsafe { bpf_jiffies64() };
+    // SAFETY: `st` is this socket's storage, valid for the whole program run.
+    let (rx_j, tx_j) = unsafe { ((*st).rx_jiffies, (*st).tx_jiffies) };
+    if rx_j == now_j && tx_j == now_j {
+        return Ok(());
     }
-    if seg.tcp_flags & TCP_FIN != 0 {
-        set_flag(entry, flags::PEER_FIN);
+    let seg = Segment::parse(skb).ok_or(())?;
+    let mut bits = 0;
+    if seg.flags & TCP_RST != 0 {
+        bits |= flags::PEER_RST;
     }
-    if seg.payload_len > 0 {
+    if seg.flags & TCP_FIN != 0 {
+        bits |= flags::PEER_FIN;
+    }
+    let stamp_rx = seg.payload > 0 && rx_j != now_j;
+    let stamp_tx = tx_j != now_j && seg.flags & TCP_ACK != 0 && ack_moved(sk, st, seg.ack);
+    if bits == 0 && !stamp_rx && !stamp_tx {
+        return Ok(());
+    }
+    let Some(entry) = registered_entry(st) else {
+        return Ok(());
+    };
+    let (entry, state) = entry;
+    if stamp_rx || stamp_tx {
+        // SAFETY: the helper takes no arguments and cannot fail.
+        let now_ns = unsafe { bpf_ktime_get_ns() };
         // SAFETY: `entry` points into the array map's value area, valid for the whole program
-        // run; the field is 8-byte aligned, so the store is one instruction and never torn.
-        unsafe { ptr::addr_of_mut!((*entry).last_rx_ns).write_volatile(now()) };
-        clear_flag(entry, flags::RETRANSMITTING);
-    }
-    Ok(())
-}
-
-fn try_lull_egress(ctx: &SkBuffContext) -> Result<(), ()> {
-    let Some((sk, entry)) = registered_entry(ctx)? else {
-        return Ok(());
-    };
-    let seg = Segment::parse(ctx)?;
-    if seg.tcp_flags & TCP_RST != 0 {
-        set_flag(entry, flags::LOCAL_RST);
-    }
-    if seg.tcp_flags & TCP_FIN != 0 {
-        set_flag(entry, flags::LOCAL_FIN);
-    }
-    if seg.payload_len == 0 {
-        return Ok(());
-    }
-    // This hook runs before TCP advances `snd_nxt` past a new segment, so new data starts exactly
-    // at `snd_nxt` and anything earlier is a retransmission: a sign of trouble, not of life.
-    // SAFETY: `sk` was checked non-null by `registered_entry` (passing that same value keeps the
-    // verifier's null check); `bpf_tcp_sock` returns NULL for non-TCP sockets.
-    let tp = unsafe { bpf_tcp_sock(sk) };
-    if !tp.is_null() {
-        // SAFETY: checked non-null above; the kernel rewrites this load to the socket's field.
-        let snd_nxt = unsafe { (*tp).snd_nxt };
-        if (seg.seq.wrapping_sub(snd_nxt) as i32) < 0 {
-            set_flag(entry, flags::RETRANSMITTING);
-            return Ok(());
+        // run; the fields are 8-byte aligned, so each store is one instruction, never torn.
+        // `st` as above.
+        unsafe {
+            if stamp_rx {
+                ptr::addr_of_mut!((*entry).last_rx_ns).write_volatile(now_ns);
+                (*st).rx_jiffies = now_j;
+            }
+            if stamp_tx {
+                ptr::addr_of_mut!((*entry).last_tx_ns).write_volatile(now_ns);
+                (*st).tx_jiffies = now_j;
+            }
         }
     }
-    // SAFETY: as in `try_lull_ingress`.
-    unsafe { ptr::addr_of_mut!((*entry).last_tx_ns).write_volatile(now()) };
+    set_flags(entry, state, bits);
     Ok(())
 }
 
+/// Whether `ack` acknowledges data of ours that the last one seen did not, remembering it.
+///
+/// The first ACK after registration is compared with the socket's own `snd_una` as it stands
+/// before this packet is processed (the ACK level TCP has seen): only then is a helper call
+/// made. After that the socket's storage remembers the last ACK, so a steady stream of
+/// duplicate ACKs and window updates costs a compare.
+#[inline(always)]
+fn ack_moved(sk: *mut bpf_sock, st: *mut SlotRef, ack: u32) -> bool {
+    // SAFETY: `st` is this socket's storage, valid for the whole program run.
+    let mut last = unsafe { (*st).acked };
+    if last == 0 {
+        // SAFETY: `sk` is the packet's non-null socket; the helper returns NULL unless it is
+        // a full TCP socket.
+        let tp = unsafe { bpf_tcp_sock(sk) };
+        if tp.is_null() {
+            return false;
+        }
+        // SAFETY: non-null, as checked; the verifier rewrites the load to the socket's field.
+        last = unsafe { (*tp).snd_una };
+    }
+    if ack == last {
+        return false;
+    }
+    // SAFETY: as above; only this socket's packets write its storage.
+    unsafe { (*st).acked = ack };
+    // Sequence space wraps: "after" is a positive signed distance.
+    (ack.wrapping_sub(last) as i32) > 0
+}
+
+/// State changes of watched sockets: which side closed, and how.
 fn try_lull_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
     match ctx.op() {
-        // Only connections established after attach get here; older ones still get their
-        // close seen on the wire (FIN/RST) by the cgroup_skb programs.
+        // Every socket of the cgroup asks for state callbacks: they fire a few times in a
+        // connection's life, never per packet, and this is the only moment to ask. Sockets
+        // established before the programs were attached get their closes from the packets
+        // the ingress program sees (the peer's FIN and RST).
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => ctx
             .set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
             .map_err(|_| ()),
-        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
+        BPF_SOCK_OPS_STATE_CB => {
+            let (old, new) = (ctx.arg(0), ctx.arg(1));
             // SAFETY: reading a context field; the verifier rewrites it to a checked load.
             let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
             if sk.is_null() {
                 return Ok(());
             }
-            let Some((slot, entry)) = lookup_entry(sk)? else {
+            let Some(st) = slot_ref(sk.cast()) else {
                 return Ok(());
             };
-            set_flag(entry, flags::STATE_CLOSE);
-            debug!(ctx, "slot {} closed (old state {})", slot, ctx.arg(0));
+            let Some((entry, state)) = registered_entry(st) else {
+                return Ok(());
+            };
+            let bits = match new {
+                TCP_CLOSE_WAIT => flags::PEER_FIN,
+                TCP_FIN_WAIT1 => flags::LOCAL_FIN,
+                TCP_LAST_ACK => flags::PEER_FIN | flags::LOCAL_FIN,
+                TCP_CLOSE => flags::STATE_CLOSE | close_cause(sk.cast(), old),
+                _ => 0,
+            };
+            set_flags(entry, state, bits);
+            if new == TCP_CLOSE {
+                // SAFETY: `st` is this socket's storage, valid for the whole program run.
+                let slot = unsafe { (*st).slot };
+                debug!(
+                    ctx,
+                    "slot {} closed from state {}, flags {:x}", slot, old, bits
+                );
+            }
             Ok(())
         }
         _ => Ok(()),
     }
 }
 
-/// The socket that owns this packet and its table row, if that socket is registered.
-///
-/// This is the whole per-packet cost for an unregistered socket: one storage lookup.
+/// Why a socket reached `TCP_CLOSE`, from `sk_err` (and, for a timeout, whether keepalive
+/// probes were out), as flag bits. A kernel without readable BTF offsets gets no cause.
 #[inline(always)]
-fn registered_entry(
-    ctx: &SkBuffContext,
-) -> Result<Option<(*mut bpf_sock, *mut ActivityEntry)>, ()> {
-    let sk = skb_sock(ctx);
-    if sk.is_null() {
-        return Ok(None);
+fn close_cause(sk: *mut core::ffi::c_void, old: u32) -> u32 {
+    let sk_err_at = global(&LULL_SK_ERR_OFFSET);
+    if sk_err_at == 0 {
+        return 0;
     }
-    match lookup_entry(sk) {
-        Ok(found) => Ok(found.map(|(_, entry)| (sk, entry))),
-        Err(()) => {
-            warn!(ctx, "registered socket points outside the activity table");
-            Err(())
+    // SAFETY: `sk` is the context's non-null socket; the helper returns NULL unless it is a
+    // full TCP socket.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk) }.cast::<u8>();
+    if tp.is_null() {
+        return 0;
+    }
+    // SAFETY: `tp` is a BTF pointer to this socket's `tcp_sock`, which begins with `struct
+    // sock`; the offset is a load-time constant from the kernel's own BTF, so the verifier
+    // checks this load against the field it names.
+    let sk_err = unsafe { ptr::read_volatile(tp.add(sk_err_at as usize).cast::<i32>()) };
+    match sk_err {
+        ECONNRESET => flags::PEER_RST,
+        ETIMEDOUT => {
+            let probes_at = global(&LULL_PROBES_OUT_OFFSET);
+            // SAFETY: as above, for `inet_connection_sock::icsk_probes_out`, a u8.
+            let probes =
+                probes_at != 0 && unsafe { ptr::read_volatile(tp.add(probes_at as usize)) } > 0;
+            flags::TIMED_OUT | if probes { flags::KEEPALIVE_EXPIRED } else { 0 }
         }
+        // No error, straight from an open state: this side aborted (a close with SO_LINGER 0,
+        // or a disconnect), which sends a RST. From a closing state it is the orderly end.
+        0 if matches!(
+            old,
+            TCP_ESTABLISHED | TCP_CLOSE_WAIT | TCP_SYN_SENT | TCP_SYN_RECV
+        ) =>
+        {
+            flags::LOCAL_RST
+        }
+        _ => 0,
     }
 }
 
+/// The socket's [`SlotRef`], if userspace registered it.
 #[inline(always)]
-fn lookup_entry(sk: *mut bpf_sock) -> Result<Option<(u32, *mut ActivityEntry)>, ()> {
+fn slot_ref(sk: *mut core::ffi::c_void) -> Option<*mut SlotRef> {
     // SAFETY: the map pointer is the BTF map definition the loader relocates; `sk` is a
     // non-null socket from the context. The helper returns NULL when the socket is not a full
     // socket or has no storage in this map.
-    let slot_ref = unsafe {
+    let st = unsafe {
         bpf_sk_storage_get(
             ptr::from_ref(&LULL_SLOTS).cast_mut().cast(),
-            sk.cast(),
+            sk,
             ptr::null_mut(),
             0,
         )
     }
     .cast::<SlotRef>();
-    if slot_ref.is_null() {
-        return Ok(None);
-    }
-    // SAFETY: non-null storage returned by the helper holds a `SlotRef` written by userspace.
-    let SlotRef { slot, generation } = unsafe { *slot_ref };
-    let entry = LULL_ACTIVITY.get_ptr_mut(slot).ok_or(())?;
-    // The slot may have been freed and handed to another socket since this socket registered;
-    // its generation says so, and then this socket must not touch it.
-    if ActivityEntry::generation_of(load_state(entry)) != generation {
-        return Ok(None);
-    }
-    Ok(Some((slot, entry)))
+    (!st.is_null()).then_some(st)
 }
 
+/// The table row of a registered socket, with its state word as loaded once, or `None` if the
+/// slot has since been freed or handed to another registration (its generation says so).
 #[inline(always)]
-fn skb_sock(ctx: &SkBuffContext) -> *mut bpf_sock {
-    // SAFETY: reading a context field; the verifier rewrites it to a checked load.
-    unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk }
-}
-
-#[inline(always)]
-fn now() -> u64 {
-    // SAFETY: the helper takes no arguments and cannot fail.
-    unsafe { bpf_ktime_get_ns() }
-}
-
-/// Reads the state word. Volatile, because userspace writes it through its own mapping; the
-/// BPF backend has no atomic-load instruction below `--cpu=v4`, and an aligned 8-byte load is
-/// one instruction, so it cannot tear.
-#[inline(always)]
-fn load_state(entry: *mut ActivityEntry) -> u64 {
+fn registered_entry(st: *mut SlotRef) -> Option<(*mut ActivityEntry, u64)> {
+    // SAFETY: `st` is a socket's storage, valid for the whole program run.
+    let SlotRef {
+        slot, generation, ..
+    } = unsafe { *st };
+    let entry = LULL_ACTIVITY.get_ptr_mut(slot)?;
+    // Volatile, because userspace writes the word through its own mapping; the BPF backend
+    // has no atomic-load instruction below `--cpu=v4`, and an aligned 8-byte load is one
+    // instruction, so it cannot tear. Loaded once: the generation check and the flag check
+    // must judge the same value.
     // SAFETY: `entry` is a valid array value pointer for the whole program run.
-    unsafe { ptr::addr_of!((*entry).state).read_volatile() }
+    let state = unsafe { ptr::addr_of!((*entry).state).read_volatile() };
+    (ActivityEntry::generation_of(state) == generation).then_some((entry, state))
 }
 
-/// Sets `bit` with an atomic OR, skipping the write (and the cache-line bounce) when it is
-/// already set: rx and tx of one socket may run on two CPUs at once.
+/// Sets `bits` in the row's flags with one atomic OR, unless `state` (the word as loaded by
+/// [`registered_entry`]) already has them all: an OR dirties the cache line the engine reads,
+/// and rx of one socket may run on two CPUs at once.
 #[inline(always)]
-fn set_flag(entry: *mut ActivityEntry, bit: u32) {
-    if ActivityEntry::flags_of(load_state(entry)) & bit == 0 {
-        // The BPF target does not advertise read-modify-write atomics to Rust (its baseline CPU
-        // lacks them), so `AtomicU64::fetch_or` does not exist; the intrinsic lowers to
-        // BPF_ATOMIC|BPF_OR, which `--cpu=v3` enables.
-        // SAFETY: `state` is a valid, aligned u64 for the whole program run.
-        unsafe {
-            atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(
-                ptr::addr_of_mut!((*entry).state),
-                u64::from(bit),
-            );
-        }
+fn set_flags(entry: *mut ActivityEntry, state: u64, bits: u32) {
+    if bits == 0 || ActivityEntry::flags_of(state) & bits == bits {
+        return;
+    }
+    // The BPF target does not advertise read-modify-write atomics to Rust (its baseline CPU
+    // lacks them), so `AtomicU64::fetch_or` does not exist; the intrinsic lowers to
+    // BPF_ATOMIC|BPF_OR, which `--cpu=v3` enables.
+    // SAFETY: `state` is a valid, aligned u64 for the whole program run.
+    unsafe {
+        atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(
+            ptr::addr_of_mut!((*entry).state),
+            u64::from(bits),
+        );
     }
 }
 
 #[inline(always)]
-fn clear_flag(entry: *mut ActivityEntry, bit: u32) {
-    if ActivityEntry::flags_of(load_state(entry)) & bit != 0 {
-        // SAFETY: as in `set_flag`.
-        unsafe {
-            atomic_and::<u64, u64, { AtomicOrdering::Relaxed }>(
-                ptr::addr_of_mut!((*entry).state),
-                !u64::from(bit),
-            );
-        }
-    }
+fn global(value: &'static u32) -> u32 {
+    // SAFETY: a read of a global the loader set before load; volatile so that the compiler
+    // does not fold the compile-time 0 into the code.
+    unsafe { ptr::read_volatile(value) }
 }
 
-/// What the programs need from a TCP segment. `cgroup_skb` sees the packet from its network
-/// header, and only registered sockets get here, which are TCP by construction.
+/// What the ingress program needs from a TCP segment, read in place. `cgroup_skb` sees the
+/// packet from its network header, and only registered sockets get here, which are TCP by
+/// construction.
 struct Segment {
-    seq: u32,
-    tcp_flags: u8,
-    payload_len: u32,
+    ack: u32,
+    flags: u8,
+    payload: u32,
 }
 
 impl Segment {
     #[inline(always)]
-    fn parse(ctx: &SkBuffContext) -> Result<Self, ()> {
-        let ip: [u8; 8] = ctx.load(0).map_err(|_| ())?;
-        let ip_len = match ip[0] >> 4 {
-            4 => u32::from(ip[0] & 0x0f) * 4,
+    fn parse(skb: *mut __sk_buff) -> Option<Self> {
+        // SAFETY: context fields; the verifier rewrites them to the packet's bounds, and every
+        // read below is checked against `end` first, as the verifier demands.
+        let (data, end, len) =
+            unsafe { ((*skb).data as usize, (*skb).data_end as usize, (*skb).len) };
+        // Every bound is `start + constant > end`: the verifier tracks packet pointers through
+        // such adds, while a bare `data >= end` (what `data + 1 > end` compiles to) it cannot.
+        if data + 20 > end {
+            return None;
+        }
+        // SAFETY: in bounds, as checked.
+        let first = unsafe { *(data as *const u8) };
+        let ip_len = match first >> 4 {
+            4 => usize::from(first & 0x0f) * 4,
             // Extension headers are rare on TCP; such packets are ignored, not misread.
-            6 if ip[6] == 6 => 40,
-            _ => return Err(()),
+            // SAFETY: in bounds, as checked.
+            6 if data + 40 <= end && unsafe { *((data + 6) as *const u8) } == 6 => 40,
+            _ => return None,
         };
-        let tcp: [u8; 14] = ctx.load(ip_len as usize).map_err(|_| ())?;
-        let header_len = ip_len + u32::from(tcp[12] >> 4) * 4;
-        Ok(Self {
-            seq: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
-            tcp_flags: tcp[13],
-            payload_len: ctx.len().saturating_sub(header_len),
+        let tcp = data + ip_len;
+        if tcp + 20 > end {
+            return None;
+        }
+        // SAFETY: the 20-byte TCP header is in bounds, as checked.
+        let (doff, flags, ack) = unsafe {
+            (
+                u32::from(*((tcp + 12) as *const u8) >> 4) * 4,
+                *((tcp + 13) as *const u8),
+                u32::from_be(ptr::read_unaligned((tcp + 8) as *const u32)),
+            )
+        };
+        Some(Self {
+            ack,
+            flags,
+            payload: len.saturating_sub(ip_len as u32 + doff),
         })
     }
 }

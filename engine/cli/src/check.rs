@@ -4,12 +4,15 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::Args;
-use lull::activity::{ActivityTable, TableOptions, bpf_object_embedded, cgroup2_root};
+use lull::activity::{
+    ActivityTable, CgroupScope, TableOptions, bpf_object_embedded, cgroup2_root, pinned_builds,
+};
 
 /// Show what lull can use on this host: kernel, cgroup v2, BPF object, privileges, io_uring.
 ///
-/// Loads and detaches the BPF programs once to prove they work, and prints the activity
-/// source `lull run` would pick. Exits 0 when the eBPF source is usable, 1 otherwise.
+/// Lists what lull has pinned in bpffs, where it is attached and which processes use it;
+/// attaches the BPF programs once (in a cgroup of its own) to prove they work, and prints the
+/// activity source `lull run` would pick. Exits 0 when the eBPF source is usable, 1 otherwise.
 #[derive(Debug, Args)]
 pub struct CheckArgs {}
 
@@ -37,9 +40,12 @@ pub fn run(_args: &CheckArgs) -> Result<ExitCode> {
         "io_uring         {}",
         ring.as_deref().unwrap_or("available")
     );
+    print_pins();
+    // In a cgroup of its own: attaching to the shell's cgroup would tax its other processes.
     let ebpf = ActivityTable::load(&TableOptions {
         capacity: 16,
-        cgroup: None,
+        cgroup: CgroupScope::Own,
+        ..TableOptions::default()
     });
     match &ebpf {
         Ok(table) => println!(
@@ -61,6 +67,33 @@ pub fn run(_args: &CheckArgs) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// What lull has pinned on this host: the programs of each build, the cgroups they are
+/// attached to, and the processes using them.
+fn print_pins() {
+    let builds = pinned_builds();
+    if builds.is_empty() {
+        println!("pinned           nothing (lull's programs are pinned while a lull runs)");
+    }
+    for build in builds {
+        println!("pinned           {}", build.dir.display());
+        for (id, path) in &build.links {
+            let path = path.as_ref().map_or_else(
+                || "no live user names it".into(),
+                |p| p.display().to_string(),
+            );
+            println!("  attached to    cgroup {id} ({path})");
+        }
+        for user in &build.users {
+            let cgroups: Vec<String> = user.cgroups.iter().map(|c| c.0.to_string()).collect();
+            println!(
+                "  used by        pid {} (cgroups {})",
+                user.pid,
+                cgroups.join(", ")
+            );
+        }
+    }
 }
 
 /// `None` when an io_uring can be set up, else why not.

@@ -226,7 +226,8 @@ impl Bench {
 fn load_table() -> Result<ActivityTable> {
     ActivityTable::load(&TableOptions {
         capacity: 8,
-        cgroup: None,
+        cgroup: lull::activity::CgroupScope::Current,
+        ..TableOptions::default()
     })
     .context(
         "eBPF unavailable: cannot load lull's activity table \

@@ -3,8 +3,10 @@
 
 use std::{
     collections::BTreeMap,
+    fs::File,
     io::{BufRead, BufReader},
     net::TcpStream,
+    os::{fd::AsRawFd, unix::process::CommandExt},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -48,7 +50,10 @@ impl Drop for Peers {
     }
 }
 
-fn spawn_population(processes: u64, script: &Script) -> Result<Peers> {
+/// Starts the peer processes, in `outside` (the cgroup lull came from, given as its open
+/// `cgroup.procs`) when lull runs in a cgroup of its own: peers are the far end, and their
+/// sockets must not run lull's programs.
+fn spawn_population(processes: u64, script: &Script, outside: Option<File>) -> Result<Peers> {
     let exe = std::env::current_exe().context("finding the lull binary to start peers")?;
     let script = serde_json::to_string(script)?;
     let mut population = Peers {
@@ -56,10 +61,27 @@ fn spawn_population(processes: u64, script: &Script) -> Result<Peers> {
         ports: Vec::new(),
     };
     for _ in 0..processes {
-        let mut child = Command::new(&exe)
+        let mut command = Command::new(&exe);
+        command
             .args(["peer", "--script", &script])
             .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
+            .stdout(Stdio::piped());
+        if let Some(procs) = &outside {
+            let fd = procs.as_raw_fd();
+            // SAFETY: between fork and exec only async-signal-safe calls are allowed; write(2)
+            // is one, on an fd opened before the fork (inherited, and closed at exec).
+            unsafe {
+                command.pre_exec(move || {
+                    // Writing 0 to cgroup.procs moves the writing process.
+                    if libc::write(fd, b"0".as_ptr().cast(), 1) == 1 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let mut child = command
             .spawn()
             .with_context(|| format!("starting a peer process ({})", exe.display()))?;
         let stdout = child.stdout.take().context("peer stdout")?;
@@ -151,7 +173,8 @@ pub fn run(session: &Session<'_>, population: Population) -> Result<Report> {
         policy.interval,
         policy.count,
     );
-    let peers = spawn_population(processes, &script)?;
+    let outside = session.cgroup.map(|c| c.outside_procs()).transpose()?;
+    let peers = spawn_population(processes, &script, outside)?;
 
     let mut tracker = Tracker::new(bound, n as usize);
     let mut handles: Vec<Watched<TcpStream>> = Vec::with_capacity(n as usize);

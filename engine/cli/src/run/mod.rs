@@ -1,6 +1,7 @@
 //! `lull run`: the demo (default) and `--connect`.
 
 mod args;
+mod cgroup;
 mod config;
 mod connect;
 mod demo;
@@ -20,6 +21,7 @@ use lull::{EngineBuilder, EngineGroup, SourceChoice};
 
 pub use args::RunArgs;
 use args::SourceArg;
+use cgroup::RunCgroup;
 use config::{Job, RunConfig};
 use session::Session;
 
@@ -48,7 +50,9 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         .transpose()
         .map_err(|e| usage("--metrics", format!("{e:#}")))?;
 
-    let engine = build_engine(&config)?;
+    // Before the engine: the cgroup its programs attach to is the one lull's sockets live in.
+    let cgroup = RunCgroup::enter(config.cgroup.as_deref(), config.source)?;
+    let engine = build_engine(&config, cgroup.as_ref())?;
     tracing::info!(
         "{} engine thread(s), activity source: {}",
         engine.len(),
@@ -62,14 +66,17 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         engine: &engine,
         stop: &stop,
         metrics: metrics.as_ref(),
+        cgroup: cgroup.as_ref(),
         started: Cell::new(Instant::now()),
     };
     let report = match &config.job {
         Job::Demo(population) => demo::run(&session, *population)?,
         Job::Connect(target) => connect::run(&session, target)?,
     };
-    // Detach the BPF programs before printing: the report is the last word.
+    // Detach the BPF programs (and leave our cgroup) before printing: the report is the last
+    // word.
     engine.shutdown();
+    drop(cgroup);
     print!("{}", report.to_table());
     if let Some(path) = &config.json {
         let json = serde_json::to_string_pretty(&report)?;
@@ -82,7 +89,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     })
 }
 
-fn build_engine(config: &RunConfig) -> Result<EngineGroup> {
+fn build_engine(config: &RunConfig, cgroup: Option<&RunCgroup>) -> Result<EngineGroup> {
     let mut engine = EngineBuilder::default()
         // Capacity per engine: room for every connection, reconnects included.
         .capacity(config.conns.div_ceil(config.engines as u32) * 2 + 64)
@@ -93,8 +100,8 @@ fn build_engine(config: &RunConfig) -> Result<EngineGroup> {
             SourceArg::Ebpf => SourceChoice::Ebpf,
             SourceArg::TcpInfo => SourceChoice::TcpInfo,
         });
-    if let Some(cgroup) = &config.cgroup {
-        engine = engine.cgroup(cgroup);
+    if let Some(cgroup) = cgroup {
+        engine = engine.cgroup(cgroup.scope());
     }
     EngineGroup::builder()
         .engines(config.engines)

@@ -8,7 +8,7 @@ use std::{
 
 use lull::EngineGroup;
 
-use super::{config::RunConfig, tracker::Tracker};
+use super::{cgroup::RunCgroup, config::RunConfig, tracker::Tracker};
 use crate::metrics::Metrics;
 
 /// What the jobs share.
@@ -17,6 +17,8 @@ pub struct Session<'a> {
     pub engine: &'a EngineGroup,
     pub stop: &'a AtomicBool,
     pub metrics: Option<&'a Metrics>,
+    /// Where lull's sockets live, when it attaches eBPF programs.
+    pub cgroup: Option<&'a RunCgroup>,
     /// When the timed part of the run began (after the connections were set up).
     pub started: Cell<Instant>,
 }

@@ -56,11 +56,6 @@ impl LockFile {
         self.flock(libc::LOCK_EX, "flock(LOCK_EX)").map(|_| ())
     }
 
-    /// Waits for a shared lock (or turns an exclusive one into a shared one).
-    pub(crate) fn lock_shared(&self) -> Result<(), ActivityError> {
-        self.flock(libc::LOCK_SH, "flock(LOCK_SH)").map(|_| ())
-    }
-
     /// Takes an exclusive lock if nobody holds any lock on the file; returns whether it did.
     pub(crate) fn try_lock_exclusive(&self) -> Result<bool, ActivityError> {
         self.flock(libc::LOCK_EX | libc::LOCK_NB, "flock(LOCK_EX|LOCK_NB)")
@@ -69,11 +64,6 @@ impl LockFile {
     /// Takes a shared lock unless someone holds an exclusive one; returns whether it did.
     pub(crate) fn try_lock_shared(&self) -> Result<bool, ActivityError> {
         self.flock(libc::LOCK_SH | libc::LOCK_NB, "flock(LOCK_SH|LOCK_NB)")
-    }
-
-    /// Releases this file's lock.
-    pub(crate) fn unlock(&self) -> Result<(), ActivityError> {
-        self.flock(libc::LOCK_UN, "flock(LOCK_UN)").map(|_| ())
     }
 
     fn flock(&self, operation: libc::c_int, call: &'static str) -> Result<bool, ActivityError> {
@@ -150,7 +140,7 @@ mod tests {
         assert_eq!(b.read_text().unwrap(), "7\n");
         let c = LockFile::open(&path).unwrap();
         assert!(!c.try_lock_shared().unwrap(), "`b` holds it exclusively");
-        b.unlock().unwrap();
+        drop(b);
         assert!(c.try_lock_shared().unwrap());
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -15,6 +15,7 @@ mod host_users;
 pub mod kernel_btf;
 mod link_health;
 mod lock_file;
+mod pinned;
 mod rows;
 mod sim;
 mod slots;
@@ -33,7 +34,10 @@ pub use lull_common::flags;
 pub use sim::SimulatedSource;
 pub use slots::Slot;
 pub(crate) use slots::{Grace, SlotAllocator, SlotState};
-pub use table::{ActivityTable, TableOptions, bpf_object_embedded};
+pub use table::{
+    ActivityTable, DEFAULT_HOST_ROWS, RESOLUTION_NS as EBPF_RESOLUTION_NS, TableOptions,
+    bpf_object, bpf_object_embedded,
+};
 pub use tcp_info::{TcpInfoSource, TcpState, tcp_info};
 
 /// What a source knows about one connection.

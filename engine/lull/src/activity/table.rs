@@ -1,29 +1,25 @@
-//! [`ActivityTable`]: lull's eBPF program, loaded, attached, and mapped into this process.
+//! [`ActivityTable`]: lull's eBPF programs, shared by every lull process on the host, and the
+//! rows of their table that this process uses.
 
 use std::{
-    fs::File,
     os::fd::{AsFd, BorrowedFd},
-    path::{Path, PathBuf},
+    path::Path,
     sync::{
         Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
     },
 };
 
-use aya::{
-    Ebpf, EbpfLoader,
-    maps::{Map, MapData, SkStorage},
-    programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SockOps,
-        links::{FdLink, LinkError},
-    },
-};
-use aya_log::EbpfLogger;
-use lull_common::{ACTIVITY_MAP, EGRESS_PROG, INGRESS_PROG, SLOTS_MAP, SOCK_OPS_PROG, SlotRef};
+use aya::Ebpf;
+use lull_common::SlotRef;
 
 use super::{
-    Activity, ActivityError, ActivitySource, Grace, Slot, SlotAllocator, SourceKind,
-    cgroup::cgroup2_root, link_health::WatchedLink, rows::Rows,
+    Activity, ActivityError, ActivitySource, CgroupScope, Grace, Slot, SlotAllocator, SourceKind,
+    cgroup::ResolvedCgroup,
+    extents::{Placement, RowExtents},
+    link_health::WatchedLink,
+    pinned::PinnedObject,
+    rows::Rows,
 };
 
 #[cfg(lull_embedded_bpf)]
@@ -39,169 +35,112 @@ pub fn bpf_object_embedded() -> bool {
     BPF_OBJECT.is_some()
 }
 
+/// The BPF object this build carries, if any: for tools that load its other programs (the
+/// `ebpf-overhead` benchmark loads the empty one, to measure the hook's own cost).
+pub fn bpf_object() -> Option<&'static [u8]> {
+    BPF_OBJECT
+}
+
+/// The host table's rows when the first lull on the host makes it: 24 MiB of kernel memory.
+pub const DEFAULT_HOST_ROWS: u32 = 1 << 20;
+
 /// How to load an [`ActivityTable`].
 #[derive(Clone, Debug)]
 pub struct TableOptions {
-    /// Number of slots, i.e. the most sockets registered at once. The kernel allocates
-    /// 24 bytes per slot up front.
+    /// Slot indices this table serves: the most sockets registered through it at once. Rows
+    /// of the host's shared table are leased as they are used, 4,096 at a time.
     pub capacity: u32,
-    /// The cgroup v2 directory to attach to. Sockets of processes in it and below are seen.
-    /// `None` means the root of the hierarchy, found in `/proc/mounts`.
-    pub cgroup: Option<PathBuf>,
+    /// The cgroup whose sockets the programs see (default: the one this process runs in).
+    pub cgroup: CgroupScope,
+    /// Rows of the host's shared table, if this is the first lull on the host and makes it
+    /// (default [`DEFAULT_HOST_ROWS`]). Later users find it made, at the size it has.
+    pub host_rows: u32,
 }
 
 impl Default for TableOptions {
     fn default() -> Self {
         Self {
             capacity: 1 << 16,
-            cgroup: None,
+            cgroup: CgroupScope::Current,
+            host_rows: DEFAULT_HOST_ROWS,
         }
     }
 }
 
-/// The eBPF activity tracker: per registered socket, the last time payload went in and out,
-/// and whether it closed, readable without a system call.
+/// The eBPF activity tracker: per registered socket, the last time payload came in, the last
+/// time the peer acknowledged new data, and whether and how it closed, readable without a
+/// system call.
 ///
-/// Loading attaches three programs to a cgroup: `cgroup_skb` ingress and egress, which stamp
-/// the table for every packet of a registered socket (and do one storage lookup, nothing more,
-/// for any other socket), and `sock_ops`, which marks sockets that die of a timeout. Dropping
-/// the table detaches them; nothing is pinned, so nothing outlives the process, even after
-/// SIGKILL.
+/// The programs and their table are pinned once per host and shared by every lull process
+/// (see [`pinned`](super::pinned)); each cgroup gets one attachment, made by its first user
+/// and removed by its last. A `cgroup_skb` ingress program stamps the table for registered
+/// sockets (and does one storage lookup, nothing more, for any other socket of the cgroup);
+/// a `sock_ops` program marks closes. Nothing runs on egress, and nothing at all for sockets
+/// outside the cgroup.
 pub struct ActivityTable {
-    // Field order is drop order: detach the links (by dropping them) before the programs and
-    // maps go.
-    _links: Vec<FdLink>,
+    // Field order is drop order: the links' fds before the pins they keep alive, our rows
+    // before the leases of their extents, and the pins before the cgroup they attach to.
     watched: Vec<WatchedLink>,
-    slots_map: Mutex<SkStorage<MapData, SlotRef>>,
     rows: Rows,
+    extents: RowExtents,
     allocator: SlotAllocator,
-    logger: Mutex<Option<EbpfLogger<&'static dyn log::Log>>>,
-    cgroup: PathBuf,
-    _ebpf: Ebpf,
-    _activity_map: Map,
+    pinned: Mutex<PinnedObject>,
+    cgroup: ResolvedCgroup,
+    capacity: u32,
     detached: AtomicBool,
 }
 
 impl ActivityTable {
-    /// Loads the embedded BPF object and attaches it.
+    /// Opens the host's pinned programs (loading and pinning them if this is the first lull
+    /// on the host) and makes sure they are attached to the chosen cgroup.
     ///
     /// Needs CAP_BPF and CAP_NET_ADMIN (or root); fails with
     /// [`ActivityError::NotPermitted`] without them, and with [`ActivityError::NoBpfObject`]
     /// when this build has no object.
     pub fn load(options: &TableOptions) -> Result<Self, ActivityError> {
         let object = BPF_OBJECT.ok_or(ActivityError::NoBpfObject)?;
-        let cgroup = match &options.cgroup {
-            Some(path) => path.clone(),
-            None => cgroup2_root()?,
-        };
-        let cgroup_dir = File::open(&cgroup).map_err(|source| ActivityError::File {
-            action: "opening cgroup",
-            path: cgroup.clone(),
-            source,
-        })?;
+        let cgroup = options.cgroup.resolve()?;
         let capacity = options.capacity.max(1);
-
-        let level = kernel_log_level();
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(ACTIVITY_MAP, capacity)
-            .override_global(aya_log::LEVEL, &level, false)
-            .load(object)
-            .map_err(|e| {
-                ActivityError::classify("loading lull's BPF object", e, ActivityError::Load)
+        let mut pinned = PinnedObject::open(object, options.host_rows.max(1))?;
+        let watched = pinned.attach(&cgroup.path)?;
+        let rows =
+            Rows::map(pinned.activity.fd().as_fd(), pinned.rows as usize).map_err(|source| {
+                ActivityError::Syscall {
+                    call: "mmap(LULL_ACTIVITY)",
+                    source,
+                }
             })?;
-
-        // The logger must exist before the programs load: they refer to its ring buffer.
-        let logger = match EbpfLogger::init(&mut ebpf) {
-            Ok(logger) => Some(logger),
-            Err(err) => {
-                tracing::warn!("kernel-side log messages are unavailable: {err}");
-                None
-            }
-        };
-
-        let activity_map = ebpf
-            .take_map(ACTIVITY_MAP)
-            .ok_or(ActivityError::MissingMap { name: ACTIVITY_MAP })?;
-        let rows = match &activity_map {
-            Map::Array(data) => Rows::map(data.fd().as_fd(), capacity as usize),
-            _ => {
-                return Err(ActivityError::MissingMap { name: ACTIVITY_MAP });
-            }
-        }
-        .map_err(|source| ActivityError::Syscall {
-            call: "mmap(LULL_ACTIVITY)",
-            source,
-        })?;
-        let slots_map: SkStorage<MapData, SlotRef> = ebpf
-            .take_map(SLOTS_MAP)
-            .ok_or(ActivityError::MissingMap { name: SLOTS_MAP })?
-            .try_into()
-            .map_err(|source| ActivityError::Map {
-                name: SLOTS_MAP,
-                source,
-            })?;
-
-        let mut links = Vec::new();
-        let mut watched = Vec::new();
-        for (name, attach_type) in [
-            (INGRESS_PROG, CgroupSkbAttachType::Ingress),
-            (EGRESS_PROG, CgroupSkbAttachType::Egress),
-        ] {
-            let program: &mut CgroupSkb = program_mut(&mut ebpf, name)?;
-            program
-                .load()
-                .map_err(|e| program_error(name, "loading", e))?;
-            let id = program
-                .attach(&cgroup_dir, attach_type, CgroupAttachMode::Single)
-                .map_err(|e| program_error(name, "attaching", e))?;
-            let link = program
-                .take_link(id)
-                .map_err(|e| program_error(name, "attaching", e))?;
-            keep_link(name, link.try_into(), &mut links, &mut watched)?;
-        }
-        let sock_ops: &mut SockOps = program_mut(&mut ebpf, SOCK_OPS_PROG)?;
-        sock_ops
-            .load()
-            .map_err(|e| program_error(SOCK_OPS_PROG, "loading", e))?;
-        let id = sock_ops
-            .attach(&cgroup_dir, CgroupAttachMode::Single)
-            .map_err(|e| program_error(SOCK_OPS_PROG, "attaching", e))?;
-        let link = sock_ops
-            .take_link(id)
-            .map_err(|e| program_error(SOCK_OPS_PROG, "attaching", e))?;
-        keep_link(SOCK_OPS_PROG, link.try_into(), &mut links, &mut watched)?;
-
+        let extents = RowExtents::new(pinned.extents_dir(), pinned.rows, capacity);
         tracing::debug!(
-            cgroup = %cgroup.display(),
+            cgroup = %cgroup.path.display(),
             capacity,
+            host_rows = pinned.rows,
             "lull's BPF programs are attached"
         );
         Ok(Self {
-            _links: links,
             watched,
-            slots_map: Mutex::new(slots_map),
             rows,
+            extents,
             allocator: SlotAllocator::new(0, capacity, Grace::Rcu),
-            logger: Mutex::new(logger),
+            pinned: Mutex::new(pinned),
             cgroup,
-            _ebpf: ebpf,
-            _activity_map: activity_map,
+            capacity,
             detached: AtomicBool::new(false),
         })
     }
 
-    /// The number of slots.
+    /// The number of slot indices this table serves.
     pub fn capacity(&self) -> u32 {
-        self.rows.capacity() as u32
+        self.capacity
     }
 
-    /// The cgroup the programs are attached to.
+    /// The cgroup whose sockets the programs see.
     pub fn cgroup(&self) -> &Path {
-        &self.cgroup
+        &self.cgroup.path
     }
 
-    /// Registers a TCP socket and returns its slot. From now on every packet of the socket
-    /// with payload stamps the slot, including for sockets opened before the table was loaded.
+    /// Registers a TCP socket and returns its slot. From now on the programs track it,
+    /// including a socket opened before the table was loaded (as long as it is in the cgroup).
     pub fn register(&self, fd: BorrowedFd<'_>) -> Result<Slot, ActivityError> {
         let slot = self
             .allocator
@@ -220,11 +159,13 @@ impl ActivityTable {
         Ok(slot)
     }
 
-    /// Reads a slot: three loads from the shared mapping, no system call. A slot that was
+    /// Reads a slot: a few loads from the shared mapping, no system call. A slot that was
     /// unregistered (or reused since) reads as empty.
     #[inline]
     pub fn read(&self, slot: Slot) -> Activity {
-        self.rows.read(slot)
+        self.extents
+            .placement(slot)
+            .map_or_else(Activity::default, |at| self.rows.read(row_slot(at)))
     }
 
     /// Unregisters a slot. The kernel stops writing it at once, and it is only handed out
@@ -233,7 +174,7 @@ impl ActivityTable {
     /// The socket keeps its (now inert) storage until it closes; use
     /// [`ActivityTable::unregister_socket`] while the socket is still open to drop it at once.
     pub fn unregister(&self, slot: Slot) {
-        self.rows.retire(slot);
+        self.retire(slot);
         self.allocator.free(slot);
     }
 
@@ -251,16 +192,12 @@ impl ActivityTable {
         slot: Slot,
         baseline_ns: u64,
     ) -> Result<(), ActivityError> {
-        let row = self.rows.open(slot, baseline_ns)?;
-        let value = SlotRef {
-            slot: slot.index,
-            generation: slot.generation,
-        };
+        let at = self.extents.place(slot)?;
+        let row = self.rows.open(row_slot(at), baseline_ns)?;
         let inserted = self
-            .slots_map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(&fd, value, 0);
+            .pinned()
+            .slots
+            .insert(&fd, SlotRef::new(at.row, at.generation), 0);
         if let Err(source) = inserted {
             row.retire();
             return Err(ActivityError::Register {
@@ -271,23 +208,24 @@ impl ActivityTable {
         Ok(())
     }
 
+    fn retire(&self, slot: Slot) {
+        if let Some(at) = self.extents.placement(slot) {
+            self.rows.retire(row_slot(at));
+        }
+    }
+
     fn forget_socket(&self, fd: BorrowedFd<'_>) {
         // ENOENT (never registered, or storage already gone) is fine: the goal is no storage.
-        let _ = self
-            .slots_map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&fd);
+        let _ = self.pinned().slots.remove(&fd);
+    }
+
+    fn pinned(&self) -> std::sync::MutexGuard<'_, PinnedObject> {
+        self.pinned.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Forwards the kernel side's aya-log records to the `log`/`tracing` logger.
     pub fn flush_logs(&self) {
-        if let Some(logger) = self
-            .logger
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_mut()
-        {
+        if let Some(logger) = self.pinned().logger.as_mut() {
             logger.flush();
         }
     }
@@ -306,15 +244,48 @@ impl ActivityTable {
         Ok(())
     }
 
-    /// The raw row at `index`: its generation (0 while free) and stamps. For diagnostics and
-    /// leak checks; the engine reads through [`ActivityTable::read`].
-    pub fn row(&self, index: u32) -> Option<(u32, Activity)> {
-        self.rows.get(index).map(|row| row.read())
+    /// The raw row of the shared table at `row`: its generation (0 while free) and stamps.
+    /// For diagnostics; the engine reads through [`ActivityTable::read`].
+    pub fn row(&self, row: u32) -> Option<(u32, Activity)> {
+        self.rows.get(row).map(|cell| cell.read())
+    }
+
+    /// Where `slot` lives in the shared table, once registered: its row.
+    pub fn row_of(&self, slot: Slot) -> Option<u32> {
+        self.extents.placement(slot).map(|at| at.row)
     }
 
     /// The kernel ids of the links that attach lull's programs (for `bpftool link show`).
     pub fn link_ids(&self) -> Vec<u32> {
         self.watched.iter().map(|l| l.link_id).collect()
+    }
+
+    /// The kernel ids of lull's pinned programs (ingress, sock_ops), for `bpftool prog show`.
+    pub fn program_ids(&self) -> [Option<u32>; 2] {
+        self.pinned().program_ids()
+    }
+}
+
+impl Drop for ActivityTable {
+    fn drop(&mut self) {
+        // Registrations still open end with the table: their rows are retired before their
+        // extents are leased to someone else (whose epoch would ignore them anyway).
+        for rows in self.extents.leased_rows() {
+            for row in rows {
+                if let Some(cell) = self.rows.get(row) {
+                    cell.retire();
+                }
+            }
+        }
+    }
+}
+
+/// A placement as the rows address it.
+#[inline]
+fn row_slot(at: Placement) -> Slot {
+    Slot {
+        index: at.row,
+        generation: at.generation,
     }
 }
 
@@ -337,11 +308,19 @@ impl ActivitySource for ActivityTable {
         if let Some(fd) = fd {
             self.forget_socket(fd);
         }
-        self.rows.retire(slot);
+        self.retire(slot);
     }
 
     fn registered_rows(&self) -> Option<u64> {
-        Some(self.rows.registered())
+        Some(
+            self.extents
+                .leased_rows()
+                .into_iter()
+                .flatten()
+                .filter_map(|row| self.rows.get(row))
+                .filter(|cell| cell.read().0 != 0)
+                .count() as u64,
+        )
     }
 
     fn link_ids(&self) -> Vec<u32> {
@@ -350,12 +329,22 @@ impl ActivitySource for ActivityTable {
 
     #[inline]
     fn prefetch(&self, slot_index: u32) {
-        self.rows.prefetch(slot_index);
+        let slot = Slot {
+            index: slot_index,
+            generation: 0,
+        };
+        if let Some(at) = self.extents.placement(slot) {
+            self.rows.prefetch(at.row);
+        }
     }
 
     #[inline]
     fn read(&self, slot: Slot, _fd: Option<BorrowedFd<'_>>) -> Result<Activity, ActivityError> {
         Ok(ActivityTable::read(self, slot))
+    }
+
+    fn resolution_ns(&self) -> u64 {
+        RESOLUTION_NS
     }
 
     fn detach_needs_grace(&self) -> bool {
@@ -368,7 +357,15 @@ impl ActivitySource for ActivityTable {
     }
 }
 
-fn program_mut<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, ActivityError>
+/// How far a stamp may be off: the programs write at most once per jiffy per direction, so a
+/// stamp may be one jiffy older than the packet that last moved it. 10 ms is a jiffy at
+/// HZ=100, the coarsest setting kernels ship with.
+pub const RESOLUTION_NS: u64 = 10_000_000;
+
+pub(crate) fn program_mut<'a, P>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut P, ActivityError>
 where
     &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
@@ -378,7 +375,7 @@ where
         .map_err(|e| program_error(name, "loading", e))
 }
 
-fn program_error(
+pub(crate) fn program_error(
     name: &'static str,
     action: &'static str,
     err: aya::programs::ProgramError,
@@ -392,28 +389,9 @@ fn program_error(
     })
 }
 
-fn keep_link(
-    name: &'static str,
-    link: Result<FdLink, LinkError>,
-    links: &mut Vec<FdLink>,
-    watched: &mut Vec<WatchedLink>,
-) -> Result<(), ActivityError> {
-    let link = link.map_err(|e| ActivityError::Syscall {
-        call: "taking a bpf_link",
-        source: std::io::Error::other(e),
-    })?;
-    let info = link.info().map_err(|e| ActivityError::Syscall {
-        call: "bpf(BPF_OBJ_GET_INFO_BY_FD) on a new link",
-        source: std::io::Error::other(e),
-    })?;
-    watched.push(WatchedLink::open(name, info.id())?);
-    links.push(link);
-    Ok(())
-}
-
 /// The kernel side's log level, following the userspace logger's: debug records in the
 /// kernel cost a ring-buffer write each, so they are off unless asked for.
-fn kernel_log_level() -> u8 {
+pub(crate) fn kernel_log_level() -> u8 {
     match log::max_level() {
         log::LevelFilter::Off => 0,
         log::LevelFilter::Error => 1,

@@ -80,16 +80,14 @@ pub fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<libc::tcp_info> {
 /// so sent data only counts up to the last ACK received.
 pub(crate) fn activity_from(info: &libc::tcp_info, now_ns: u64) -> Activity {
     let ago = |ms: u32| now_ns.saturating_sub(u64::from(ms) * 1_000_000);
-    let mut flags = TcpState::from_raw(info.tcpi_state).close_flags();
     let mut last_tx_ns = ago(info.tcpi_last_data_sent);
     if info.tcpi_retransmits > 0 || info.tcpi_backoff > 0 {
-        flags |= flags::RETRANSMITTING;
         last_tx_ns = last_tx_ns.min(ago(info.tcpi_last_ack_recv));
     }
     Activity {
         last_rx_ns: ago(info.tcpi_last_data_recv),
         last_tx_ns,
-        flags,
+        flags: TcpState::from_raw(info.tcpi_state).close_flags(),
     }
 }
 
@@ -174,7 +172,7 @@ mod tests {
             a.last_tx_ns, 3_000_000_000,
             "retransmitting: sends count up to the last ACK"
         );
-        assert_eq!(a.flags, flags::RETRANSMITTING);
+        assert_eq!(a.flags, 0, "retransmitting is not closing");
         info.tcpi_retransmits = 0;
         let a = activity_from(&info, 10_000_000_000);
         assert_eq!(

@@ -6,7 +6,10 @@ use std::{
     time::Duration,
 };
 
-use crate::{activity::SourceKind, policy::Policy};
+use crate::{
+    activity::{EXTENT_ROWS, SourceKind},
+    policy::Policy,
+};
 
 use super::{
     Engine, EngineBuilder, EngineError, EngineStats, Event, VirtualConn, WatchError, Watched,
@@ -43,7 +46,16 @@ impl GroupBuilder {
         }
         self.engine.check()?;
         let per_engine = self.engine.capacity;
-        let total = per_engine
+        // Each engine's slots start on an extent boundary of the shared table, so that no
+        // extent (and none of its close notices) is shared by two engines.
+        let stride =
+            per_engine
+                .checked_next_multiple_of(EXTENT_ROWS)
+                .ok_or(EngineError::Option {
+                    field: "capacity",
+                    why: "capacity exceeds 2^32 slots",
+                })?;
+        let total = stride
             .checked_mul(self.engines as u32)
             .ok_or(EngineError::Option {
                 field: "capacity",
@@ -59,7 +71,7 @@ impl GroupBuilder {
                 .name(format!("{}-{k}", self.engine.name));
             engines.push(builder.start(
                 source.clone(),
-                k as u32 * per_engine,
+                k as u32 * stride,
                 events_tx.clone(),
                 events_rx.clone(),
             )?);

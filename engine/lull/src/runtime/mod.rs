@@ -9,7 +9,6 @@ mod worker;
 
 use std::{
     os::fd::AsFd,
-    path::PathBuf,
     sync::{Arc, Mutex, RwLock},
     thread::JoinHandle,
     time::Duration,
@@ -21,8 +20,8 @@ pub use watched::{VirtualConn, WatchError, Watched};
 
 use crate::{
     activity::{
-        ActivityError, ActivitySource, ActivityTable, Grace, SlotAllocator, SourceKind,
-        TableOptions, TcpInfoSource, bpf_object_embedded,
+        ActivityError, ActivitySource, ActivityTable, CgroupScope, DEFAULT_HOST_ROWS, Grace,
+        SlotAllocator, SourceKind, TableOptions, TcpInfoSource, bpf_object_embedded,
     },
     clock::monotonic_ns,
     policy::{Policy, Probe},
@@ -91,7 +90,8 @@ pub struct EngineBuilder {
     coalesce: Duration,
     max_probes_per_tick: u32,
     source: SourceChoice,
-    cgroup: Option<PathBuf>,
+    cgroup: CgroupScope,
+    host_rows: u32,
     event_capacity: usize,
     name: String,
 }
@@ -104,7 +104,8 @@ impl Default for EngineBuilder {
             coalesce: Duration::from_millis(8),
             max_probes_per_tick: 1024,
             source: SourceChoice::Auto,
-            cgroup: None,
+            cgroup: CgroupScope::Current,
+            host_rows: DEFAULT_HOST_ROWS,
             event_capacity: 1 << 16,
             name: "lull-engine".into(),
         }
@@ -148,9 +149,27 @@ impl EngineBuilder {
         self
     }
 
-    /// The cgroup v2 directory the eBPF programs attach to (default: the hierarchy's root).
-    pub fn cgroup(mut self, cgroup: impl Into<PathBuf>) -> Self {
-        self.cgroup = Some(cgroup.into());
+    /// Where the eBPF programs attach (default [`CgroupScope::Current`]: the cgroup this
+    /// process runs in).
+    ///
+    /// The programs run for every socket of that cgroup and its descendants, and for no
+    /// other, so they should attach where the watched sockets are. A socket belongs to the
+    /// cgroup of the process that created it (an accepted one to its listener's):
+    /// - [`CgroupScope::Current`] suits a service, which has a cgroup of its own;
+    /// - [`CgroupScope::Own`] moves this process into a new child cgroup, so that only the
+    ///   sockets it opens from then on run the programs (`lull run` does this);
+    /// - [`CgroupScope::Path`] names one;
+    /// - [`CgroupScope::Root`] makes every socket on the host run them, and is never chosen
+    ///   implicitly.
+    pub fn cgroup(mut self, cgroup: CgroupScope) -> Self {
+        self.cgroup = cgroup;
+        self
+    }
+
+    /// Rows of the host's shared activity table, if this engine is the first lull on the
+    /// host and makes it (default [`DEFAULT_HOST_ROWS`], 24 bytes of kernel memory each).
+    pub fn host_rows(mut self, rows: u32) -> Self {
+        self.host_rows = rows;
         self
     }
 
@@ -207,6 +226,7 @@ impl EngineBuilder {
             ActivityTable::load(&TableOptions {
                 capacity: slots,
                 cgroup: self.cgroup.clone(),
+                host_rows: self.host_rows,
             })
         };
         let source: Arc<dyn ActivitySource> = match &self.source {
