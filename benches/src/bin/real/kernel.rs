@@ -17,7 +17,7 @@ use lull::clock::monotonic_ns;
 
 use crate::{
     proto::{Report, Timing},
-    worker::Running,
+    running::Running,
 };
 
 pub struct KernelRun {

@@ -18,12 +18,14 @@
 mod child;
 mod env;
 mod kernel;
+mod lull_engine;
 mod naive;
 mod notes;
 mod peer;
 mod proto;
 mod report;
 mod run;
+mod running;
 mod softirq;
 mod system;
 mod worker;
