@@ -276,6 +276,19 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// `n` with a comma between each group of three digits: "60,000".
+pub fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// CPU time (user + system) of this process so far, in nanoseconds.
 pub fn process_cpu_ns() -> u64 {
     rusage_ns(libc::RUSAGE_SELF)

@@ -19,6 +19,7 @@ mod child;
 mod env;
 mod kernel;
 mod lull_engine;
+mod measured;
 mod naive;
 mod notes;
 mod peer;
@@ -242,13 +243,13 @@ fn orchestrate(args: &RunArgs) -> Result<()> {
         for &strategy in &plan.strategies {
             let before = backgrounds[backgrounds.len() - 1];
             let mut outcome = run::strategy(&plan, &env, strategy);
-            if let run::Status::Failed(why) | run::Status::Unavailable(why) = &outcome.status {
+            if let measured::Status::Failed(why) | measured::Status::Unavailable(why) = &outcome.status {
                 eprintln!("[{}] not measured: {why}", strategy.label());
             }
             let background = env::background(&plan, &env)?;
             say_background(background);
             backgrounds.push(background);
-            if let run::Status::Ran(m) = &mut outcome.status {
+            if let measured::Status::Ran(m) = &mut outcome.status {
                 m.cpu.background = env::Background::mean(before, background);
             }
             outcomes.push(outcome);

@@ -3,13 +3,13 @@
 
 use std::time::Duration;
 
-use lull_benches::{BenchReport, Series, Table};
+use lull_benches::{BenchReport, Series, Table, thousands};
 
 use crate::{
     Plan,
     env::{Background, Environment},
+    measured::{Measured, Outcome, Status},
     proto::{Role, Strategy},
-    run::{Measured, Outcome, Status},
 };
 
 /// `values` at quantile `q` (nearest rank), or `None` if empty.
@@ -18,18 +18,6 @@ fn quantile(values: &[f64], q: f64) -> Option<f64> {
     v.sort_by(f64::total_cmp);
     let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len().max(1));
     v.get(rank - 1).copied()
-}
-
-pub(crate) fn thousands(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 fn caught(found: usize, of: u64) -> String {
@@ -44,39 +32,6 @@ fn latencies(ms: &[f64]) -> String {
     match (quantile(ms, 0.5), quantile(ms, 0.99)) {
         (Some(p50), Some(p99)) => format!("{p50:.0} / {p99:.0}"),
         _ => "—".into(),
-    }
-}
-
-impl Measured {
-    pub(crate) fn hours(&self) -> f64 {
-        self.conns as f64 * self.window.as_secs_f64() / 3600.0
-    }
-
-    /// CPU per connection-hour, ms.
-    pub(crate) fn per_conn_hour(&self) -> f64 {
-        self.cpu.ours() / self.hours()
-    }
-
-    fn per_probe_us(&self) -> Option<f64> {
-        (self.probes > 0).then(|| self.cpu.ours() * 1e3 / self.probes as f64)
-    }
-
-    /// Kernel memory per connection: the slab caches that grew with the connections (less
-    /// `/proc` fd entries) if slabinfo could be read, the `Slab` line of /proc/meminfo
-    /// otherwise.
-    pub(crate) fn slab_per_conn(&self) -> f64 {
-        let bytes = self
-            .memory
-            .objects
-            .map_or(self.memory.slab, |(_, sockets)| sockets);
-        bytes as f64 / self.conns as f64
-    }
-}
-
-pub(crate) fn measured(outcome: &Outcome) -> Option<&Measured> {
-    match &outcome.status {
-        Status::Ran(m) => Some(m),
-        _ => None,
     }
 }
 
@@ -113,7 +68,7 @@ pub fn build(
     let baseline = outcomes
         .iter()
         .find(|o| o.strategy == Strategy::LullEbpf)
-        .and_then(measured)
+        .and_then(Outcome::measured)
         .map(Measured::per_conn_hour);
     let window_s = plan.window.as_secs_f64();
 
@@ -143,7 +98,7 @@ pub fn build(
         &columns,
     );
     for outcome in outcomes {
-        let Some(m) = measured(outcome) else {
+        let Some(m) = outcome.measured() else {
             main.row(missing_row(outcome, columns.len()));
             continue;
         };
@@ -188,7 +143,7 @@ pub fn build(
         &columns,
     );
     for outcome in outcomes {
-        let Some(m) = measured(outcome) else {
+        let Some(m) = outcome.measured() else {
             cpu.row(missing_row(outcome, columns.len()));
             continue;
         };
@@ -231,7 +186,7 @@ pub fn build(
         &columns,
     );
     for outcome in outcomes {
-        let Some(m) = measured(outcome) else {
+        let Some(m) = outcome.measured() else {
             work.row(missing_row(outcome, columns.len()));
             continue;
         };
@@ -271,7 +226,7 @@ pub fn build(
         &columns,
     );
     for outcome in outcomes {
-        let Some(m) = measured(outcome) else {
+        let Some(m) = outcome.measured() else {
             mem.row(missing_row(outcome, columns.len()));
             continue;
         };
@@ -334,10 +289,10 @@ fn scaling(report: &mut BenchReport, plan: &Plan, passes: &[Pass]) {
             .outcomes
             .iter()
             .find(|o| o.strategy == Strategy::LullEbpf)
-            .and_then(measured)
+            .and_then(Outcome::measured)
             .map(Measured::per_conn_hour);
         for outcome in &pass.outcomes {
-            let Some(m) = measured(outcome) else {
+            let Some(m) = outcome.measured() else {
                 let mut row = missing_row(outcome, columns.len());
                 row[1] = thousands(pass.conns);
                 table.row(row);
@@ -385,7 +340,7 @@ const CDF_POINTS: usize = 200;
 /// see hung peers levels off at their share.
 fn latency_distribution(report: &mut BenchReport, outcomes: &[Outcome]) {
     for outcome in outcomes {
-        let Some(m) = measured(outcome) else { continue };
+        let Some(m) = outcome.measured() else { continue };
         let dead = m.roles[Role::Hung.index()] + m.roles[Role::Vanishing.index()];
         if dead == 0 {
             continue;
