@@ -6,9 +6,9 @@ use std::time::Duration;
 use lull_benches::{BenchReport, thousands};
 
 use crate::{
-    Plan,
     env::{Background, Environment},
     measured::{Measured, Outcome, Status},
+    plan::Plan,
     proto::{Role, Strategy},
 };
 

@@ -6,9 +6,9 @@ use std::time::Duration;
 use lull_benches::{BenchReport, Series, Table, thousands};
 
 use crate::{
-    Plan,
     env::{Background, Environment},
     measured::{Measured, Outcome, Status},
+    plan::Plan,
     proto::{Role, Strategy},
 };
 
@@ -340,7 +340,9 @@ const CDF_POINTS: usize = 200;
 /// see hung peers levels off at their share.
 fn latency_distribution(report: &mut BenchReport, outcomes: &[Outcome]) {
     for outcome in outcomes {
-        let Some(m) = outcome.measured() else { continue };
+        let Some(m) = outcome.measured() else {
+            continue;
+        };
         let dead = m.roles[Role::Hung.index()] + m.roles[Role::Vanishing.index()];
         if dead == 0 {
             continue;

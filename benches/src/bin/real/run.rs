@@ -11,10 +11,10 @@ use anyhow::{Context as _, Result, bail, ensure};
 use lull::clock::monotonic_ns;
 
 use crate::{
-    Plan,
     child::Kid,
     env::{Background, Environment},
     measured::{Cpu, Measured, Memory, Outcome, Status},
+    plan::Plan,
     proto::{
         ACCEPTED, CMD_COUNT, CMD_HANG, CMD_MARK, CMD_REPORT, MARKED, PORTS, READY, REPORT, Ready,
         Report, Role, Strategy, UNAVAILABLE, role_of,
