@@ -20,9 +20,11 @@ use clap::Args;
 use lull::clock::monotonic_ns;
 use tokio_uring::net::TcpStream;
 
+use lull_harness::process::raise_fd_limit;
+
 use crate::{
     proto::{ACCEPTED, CMD_COUNT, CMD_HANG, PORTS, Role, peer_address, vanish_address},
-    system::{raise_fd_limit, watchdog},
+    system::watchdog,
 };
 
 /// (internal) The far end of one worker's connections.
@@ -47,7 +49,7 @@ struct State {
 }
 
 pub fn run(args: &PeerArgs) -> Result<()> {
-    raise_fd_limit();
+    raise_fd_limit().context("raising the peer's fd limit")?;
     watchdog(args.lifetime_secs);
     let mut listeners = Vec::new();
     for role in Role::ALL {

@@ -432,35 +432,6 @@ pub fn wakeups(pid: u32) -> u64 {
         .sum()
 }
 
-/// This process's resident memory, in bytes.
-pub fn rss_bytes() -> u64 {
-    let statm = fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    pages * (unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).max(1) as u64
-}
-
-/// Raises the soft fd limit to the hard one (20,000 here) and returns it.
-pub fn raise_fd_limit() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: valid out-pointer; setrlimit with values the kernel just gave us.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        }
-    }
-    lim.rlim_cur
-}
-
 /// Ends this process after `secs` whatever it is doing: a child's last line of defence, so
 /// that no peer or worker can outlive a run that went wrong.
 pub fn watchdog(secs: u64) {

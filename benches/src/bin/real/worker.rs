@@ -8,12 +8,15 @@
 use std::{
     io::{BufRead, Write},
     net::{SocketAddr, TcpStream},
-    os::fd::AsRawFd,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
+use lull_harness::{
+    process::{raise_fd_limit, rss_bytes},
+    socket::set_linger_zero,
+};
 
 use crate::{
     kernel::KernelRun,
@@ -24,7 +27,7 @@ use crate::{
         role_of,
     },
     running::Running,
-    system::{raise_fd_limit, rss_bytes, watchdog},
+    system::watchdog,
 };
 
 /// (internal) The client end of one share of a strategy's connections.
@@ -68,7 +71,7 @@ const POLL: Duration = Duration::from_millis(50);
 const MAX_FAILURES: u64 = 50;
 
 pub fn run(args: &WorkerArgs) -> Result<()> {
-    raise_fd_limit();
+    raise_fd_limit().context("raising the worker's fd limit")?;
     watchdog(args.lifetime_secs);
     let commands = stdin_lines();
     let timing = Timing {
@@ -76,7 +79,7 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
         interval_ms: args.interval_ms,
         count: args.count,
     };
-    let rss_before = rss_bytes();
+    let rss_before = rss_bytes().context("reading the worker's RSS")?;
     let mut running: Box<dyn Running> = match args.strategy {
         // eBPF needs privileges this process may lack: find out before opening anything.
         Strategy::LullEbpf | Strategy::LullTcpinfo => {
@@ -100,7 +103,7 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
         failed,
         roles,
         rss_before,
-        rss_after: rss_bytes(),
+        rss_after: rss_bytes().context("reading the worker's RSS")?,
         detail: running.detail(),
     };
     say(&format!("{READY} {}", serde_json::to_string(&ready)?));
@@ -209,22 +212,6 @@ fn connect(target: SocketAddr) -> Result<TcpStream> {
     // Closing with a RST instead of a FIN leaves no TIME_WAIT behind, so a strategy's
     // teardown neither holds ephemeral ports nor frees slab memory during the next one's
     // measurements. It changes nothing before the close.
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid option pointer of the declared size, on a socket we own.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("setsockopt(SO_LINGER)");
-    }
+    set_linger_zero(&stream).context("setsockopt(SO_LINGER)")?;
     Ok(stream)
 }
