@@ -4,10 +4,12 @@
 use std::{
     collections::{HashMap, HashSet},
     fs,
+    os::fd::AsRawFd,
     process::Command,
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
+use socket2::{Domain, Socket, Type};
 
 /// `USER_HZ`: the unit of `/proc/stat` and `/proc/<pid>/stat` times.
 pub fn ticks_per_second() -> u64 {
@@ -29,22 +31,20 @@ pub fn private_netns() -> Result<()> {
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
         return Err(std::io::Error::last_os_error()).context("unshare(CLONE_NEWNET)");
     }
-    // SAFETY: plain socket creation.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    // Any socket will do: the ioctls act on the interface it names.
+    let socket = Socket::new(Domain::IPV4, Type::DGRAM, None).context("socket(AF_INET)")?;
+    let fd = socket.as_raw_fd();
     // SAFETY: all-zero is a valid `ifreq`.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
         *dst = *src as libc::c_char;
     }
     // SAFETY: `req` is a valid `ifreq` naming `lo`; the ioctls read and write only it; `fd`
-    // is ours and closed once.
+    // stays open until `socket` drops.
     let ok = unsafe {
         let got = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) == 0;
         req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-        let set = got && libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) == 0;
-        libc::close(fd);
-        set
+        got && libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) == 0
     };
     ensure!(ok, "bringing up lo: {}", std::io::Error::last_os_error());
     Ok(())
