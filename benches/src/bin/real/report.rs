@@ -47,6 +47,41 @@ fn missing_row(outcome: &Outcome, columns: usize) -> Vec<String> {
     row
 }
 
+/// A table with a row per strategy, in run order: its name, then `cells` of what it measured,
+/// or [`missing_row`] if it did not run.
+fn per_strategy(
+    title: impl Into<String>,
+    columns: &[&str],
+    outcomes: &[Outcome],
+    cells: impl Fn(&Measured) -> Vec<String>,
+) -> Table {
+    let mut table = Table::new(title, columns);
+    for outcome in outcomes {
+        table.row(match outcome.measured() {
+            Some(m) => [vec![outcome.strategy.label().to_string()], cells(m)].concat(),
+            None => missing_row(outcome, columns.len()),
+        });
+    }
+    table
+}
+
+/// lull-ebpf's CPU per connection-hour among `outcomes`, the base of every "vs lull-ebpf".
+fn lull_ebpf_per_conn_hour(outcomes: &[Outcome]) -> Option<f64> {
+    outcomes
+        .iter()
+        .find(|o| o.strategy == Strategy::LullEbpf)
+        .and_then(Outcome::measured)
+        .map(Measured::per_conn_hour)
+}
+
+/// `m`'s CPU per connection-hour as a multiple of `baseline`.
+fn vs(m: &Measured, baseline: Option<f64>) -> String {
+    match baseline {
+        Some(b) if b > 0.0 => format!("{:.2}x", m.per_conn_hour() / b),
+        _ => "—".into(),
+    }
+}
+
 /// Every strategy at one connection count.
 pub struct Pass {
     pub conns: u64,
@@ -64,14 +99,39 @@ pub fn build(
 ) -> BenchReport {
     // The detailed tables are for the largest pass, the last.
     let outcomes: &[Outcome] = passes.last().map_or(&[], |p| &p.outcomes);
-    let t = plan.timing;
-    let baseline = outcomes
-        .iter()
-        .find(|o| o.strategy == Strategy::LullEbpf)
-        .and_then(Outcome::measured)
-        .map(Measured::per_conn_hour);
-    let window_s = plan.window.as_secs_f64();
+    report.tables.extend([
+        main_table(plan, outcomes),
+        cpu_table(outcomes),
+        work_table(outcomes),
+        memory_table(outcomes),
+    ]);
+    scaling(&mut report, plan, passes);
+    latency_distribution(&mut report, outcomes);
 
+    crate::notes::notes(
+        &mut report,
+        plan,
+        env,
+        outcomes,
+        (backgrounds, backlog),
+        elapsed,
+    );
+    report
+}
+
+/// Cost, detection and kernel memory: the table the others explain.
+fn main_table(plan: &Plan, outcomes: &[Outcome]) -> Table {
+    let t = plan.timing;
+    let baseline = lull_ebpf_per_conn_hour(outcomes);
+    let title = format!(
+        "keepalive over real loopback sockets: idle {} s, interval {} s, count {} (bound {} s), \
+         {:.0} s window per strategy",
+        t.idle().as_secs_f64(),
+        t.interval().as_secs_f64(),
+        t.count,
+        t.bound().as_secs_f64(),
+        plan.window.as_secs_f64(),
+    );
     let columns = [
         "strategy",
         "connections",
@@ -86,43 +146,28 @@ pub fn build(
         "vanished p50 / p99 ms",
         "kernel B/conn",
     ];
-    let mut main = Table::new(
-        format!(
-            "keepalive over real loopback sockets: idle {} s, interval {} s, count {} (bound {} \
-             s), {window_s:.0} s window per strategy",
-            t.idle().as_secs_f64(),
-            t.interval().as_secs_f64(),
-            t.count,
-            t.bound().as_secs_f64(),
-        ),
-        &columns,
-    );
-    for outcome in outcomes {
-        let Some(m) = outcome.measured() else {
-            main.row(missing_row(outcome, columns.len()));
-            continue;
-        };
-        let ratio = match baseline {
-            Some(b) if b > 0.0 => format!("{:.2}x", m.per_conn_hour() / b),
-            _ => "—".into(),
-        };
-        main.row(vec![
-            outcome.strategy.label().into(),
+    per_strategy(title, &columns, outcomes, |m| {
+        vec![
             thousands(m.conns),
             thousands(m.probes),
             format!("{:.0}", m.cpu.ours()),
             m.per_probe_us().map_or("—".into(), |us| format!("{us:.1}")),
             format!("{:.1}", m.per_conn_hour()),
-            ratio,
+            vs(m, baseline),
             caught(m.hung_ms.len(), m.roles[Role::Hung.index()]),
             latencies(&m.hung_ms),
             caught(m.vanished_ms.len(), m.roles[Role::Vanishing.index()]),
             latencies(&m.vanished_ms),
             format!("{:.0}", m.slab_per_conn()),
-        ]);
-    }
-    report.tables.push(main);
+        ]
+    })
+}
 
+/// Where each strategy's CPU figure comes from.
+fn cpu_table(outcomes: &[Outcome]) -> Table {
+    let title = "where the CPU went over each window (CPU = the run's processes + softirq charged \
+                 to anything else - that softirq's background; softirq in them is already in \
+                 their times)";
     let columns = [
         "strategy",
         "workers usr/sys ms",
@@ -137,24 +182,14 @@ pub fn build(
         "other processes ms",
         "whole less others ms",
     ];
-    let mut cpu = Table::new(
-        "where the CPU went over each window (CPU = the run's processes + softirq charged to \
-         anything else - that softirq's background; softirq in them is already in their times)",
-        &columns,
-    );
-    for outcome in outcomes {
-        let Some(m) = outcome.measured() else {
-            cpu.row(missing_row(outcome, columns.len()));
-            continue;
-        };
+    per_strategy(title, &columns, outcomes, |m| {
         let c = &m.cpu;
         let ms = |x: Option<f64>| x.map_or("—".into(), |x| format!("{x:.0}"));
         let background = match c.softirq_elsewhere() {
             Some((_, background)) => background,
             None => c.background.whole_less_others * c.window_s,
         };
-        cpu.row(vec![
-            outcome.strategy.label().into(),
+        vec![
             format!("{:.0} / {:.0}", c.workers_user, c.workers_sys),
             format!("{:.0} / {:.0}", c.peers_user, c.peers_sys),
             format!("{:.0}", c.orchestrator),
@@ -166,10 +201,14 @@ pub fn build(
             format!("{:.0}", c.whole),
             format!("{:.0}", c.others),
             format!("{:.0}", c.whole_less_others()),
-        ]);
-    }
-    report.tables.push(cpu);
+        ]
+    })
+}
 
+/// Probes, wakeups and packets: the work behind the CPU figures.
+fn work_table(outcomes: &[Outcome]) -> Table {
+    let title = "the work over each window (workers are the client side, the part that stays on \
+                 this host on a real network)";
     let columns = [
         "strategy",
         "probes/conn-hour",
@@ -180,16 +219,7 @@ pub fn build(
         "segments/probe",
         "backlog drops",
     ];
-    let mut work = Table::new(
-        "the work over each window (workers are the client side, the part that stays on this \
-         host on a real network)",
-        &columns,
-    );
-    for outcome in outcomes {
-        let Some(m) = outcome.measured() else {
-            work.row(missing_row(outcome, columns.len()));
-            continue;
-        };
+    per_strategy(title, &columns, outcomes, |m| {
         let per_probe = |x: f64| {
             if m.probes > 0 {
                 format!("{:.1}", x / m.probes as f64)
@@ -198,8 +228,7 @@ pub fn build(
             }
         };
         let secs = m.window.as_secs_f64();
-        work.row(vec![
-            outcome.strategy.label().into(),
+        vec![
             format!("{:.0}", m.probes as f64 / m.hours()),
             per_probe((m.cpu.workers_user + m.cpu.workers_sys) * 1e3),
             format!("{:.0}", m.wakeups.0 as f64 / secs),
@@ -207,10 +236,14 @@ pub fn build(
             thousands(m.segments),
             per_probe(m.segments as f64),
             thousands(m.drops),
-        ]);
-    }
-    report.tables.push(work);
+        ]
+    })
+}
 
+/// Kernel and worker memory per connection, by every reading taken.
+fn memory_table(outcomes: &[Outcome]) -> Table {
+    let title = "memory per connection (growth from before the workers started to every \
+                 connection up; a connection is both ends' sockets)";
     let columns = [
         "strategy",
         "Slab B/conn",
@@ -220,16 +253,7 @@ pub fn build(
         "worker RSS B/conn",
         "largest slab growth, B/conn",
     ];
-    let mut mem = Table::new(
-        "memory per connection (growth from before the workers started to every connection up; \
-         a connection is both ends' sockets)",
-        &columns,
-    );
-    for outcome in outcomes {
-        let Some(m) = outcome.measured() else {
-            mem.row(missing_row(outcome, columns.len()));
-            continue;
-        };
+    per_strategy(title, &columns, outcomes, |m| {
         let per = |b: i64| format!("{:.0}", b as f64 / m.conns as f64);
         let top: Vec<String> = m
             .memory
@@ -238,8 +262,7 @@ pub fn build(
             .filter(|(_, b)| *b > 0)
             .map(|(name, b)| format!("{name} {}", per(*b)))
             .collect();
-        mem.row(vec![
-            outcome.strategy.label().into(),
+        vec![
             per(m.memory.slab),
             per(m.memory.unreclaimable),
             m.memory.objects.map_or("—".into(), |(all, _)| per(all)),
@@ -248,22 +271,8 @@ pub fn build(
                 .map_or("—".into(), |(_, sockets)| per(sockets)),
             per(m.memory.rss),
             top.join(", "),
-        ]);
-    }
-    report.tables.push(mem);
-
-    scaling(&mut report, plan, passes);
-    latency_distribution(&mut report, outcomes);
-
-    crate::notes::notes(
-        &mut report,
-        plan,
-        env,
-        outcomes,
-        (backgrounds, backlog),
-        elapsed,
-    );
-    report
+        ]
+    })
 }
 
 /// CPU against connection count: a table and a chart, one line per strategy.
@@ -285,12 +294,7 @@ fn scaling(report: &mut BenchReport, plan: &Plan, passes: &[Pass]) {
     );
     let mut lines: Vec<(Strategy, Vec<(f64, f64)>)> = Vec::new();
     for pass in passes {
-        let baseline = pass
-            .outcomes
-            .iter()
-            .find(|o| o.strategy == Strategy::LullEbpf)
-            .and_then(Outcome::measured)
-            .map(Measured::per_conn_hour);
+        let baseline = lull_ebpf_per_conn_hour(&pass.outcomes);
         for outcome in &pass.outcomes {
             let Some(m) = outcome.measured() else {
                 let mut row = missing_row(outcome, columns.len());
@@ -299,17 +303,13 @@ fn scaling(report: &mut BenchReport, plan: &Plan, passes: &[Pass]) {
                 continue;
             };
             let core_pct = m.cpu.ours() / (m.window.as_secs_f64() * 1e3) * 100.0;
-            let ratio = match baseline {
-                Some(b) if b > 0.0 => format!("{:.2}x", m.per_conn_hour() / b),
-                _ => "—".into(),
-            };
             table.row(vec![
                 outcome.strategy.label().into(),
                 thousands(m.conns),
                 format!("{:.0}", m.cpu.ours()),
                 format!("{core_pct:.1}"),
                 format!("{:.1}", m.per_conn_hour()),
-                ratio,
+                vs(m, baseline),
             ]);
             match lines.iter_mut().find(|(s, _)| *s == outcome.strategy) {
                 Some((_, points)) => points.push((m.conns as f64, core_pct)),
