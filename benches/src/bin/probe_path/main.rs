@@ -28,7 +28,9 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use clap::{Parser, ValueEnum};
 use io_uring::{IoUring, opcode, types};
-use lull_benches::{BenchReport, Table, median};
+use lull_benches::{
+    BenchReport, Table, allowed_cpus, median, pin_thread, spread, thread_user_system_ns,
+};
 
 /// Measures the per-probe userspace and CPU cost of io_uring SEND batches against send(2).
 #[derive(Parser, Debug)]
@@ -308,42 +310,19 @@ fn connect() -> Result<(Vec<(TcpStream, TcpStream)>, Sender)> {
     Ok((pairs, sender))
 }
 
-/// Pins the calling thread to `cpu`, or with `None` lists the CPUs this process may use.
-fn affinity(cpu: Option<usize>) -> Result<Vec<usize>> {
-    let size = size_of::<libc::cpu_set_t>();
-    // SAFETY: all zeroes is the empty cpu_set_t; every CPU number used is below CPU_SETSIZE
-    // (`cpu` came from this function's own list); `set` is valid for `size` bytes.
-    let ok = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if let Some(cpu) = cpu {
-            libc::CPU_SET(cpu, &mut set);
-            libc::sched_setaffinity(0, size, &set) == 0
-        } else {
-            let ok = libc::sched_getaffinity(0, size, &mut set) == 0;
-            ensure!(ok, "sched_getaffinity: {}", io::Error::last_os_error());
-            return Ok((0..libc::CPU_SETSIZE as usize)
-                .filter(|&c| libc::CPU_ISSET(c, &set))
-                .collect());
-        }
-    };
-    ensure!(ok, "sched_setaffinity: {}", io::Error::last_os_error());
-    Ok(vec![])
-}
-
 /// (exact CPU time of the calling thread, getrusage(RUSAGE_THREAD) user, system), in ns. The
 /// kernel splits the exact total over the thread's whole life in the ratio of the ticks that
 /// found it in either mode, so a measurement wants a fresh thread, and enough ticks.
 fn thread_times() -> (u64, u64, u64) {
-    // SAFETY: timespec and rusage are plain integers; both pointers are valid out-pointers.
-    let (ts, ru) = unsafe {
-        let (mut ts, mut ru): (libc::timespec, libc::rusage) = std::mem::zeroed();
+    // SAFETY: timespec is plain integers; `ts` is a valid out-pointer.
+    let ts = unsafe {
+        let mut ts: libc::timespec = std::mem::zeroed();
         libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts);
-        libc::getrusage(libc::RUSAGE_THREAD, &mut ru);
-        (ts, ru)
+        ts
     };
-    let tv = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1_000;
     let cpu = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
-    (cpu, tv(ru.ru_utime), tv(ru.ru_stime))
+    let (user, system) = thread_user_system_ns();
+    (cpu, user, system)
 }
 
 #[derive(Clone, Copy, Default)]
@@ -402,7 +381,7 @@ impl Run {
     fn measure(&mut self, cell: Cell, b: usize, window: Duration) -> Result<Sample> {
         let (cpu, sender, (req, done)) = (self.cpus.0, &mut self.sender, &mut self.drain);
         let body = move || -> Result<(Sample, u64)> {
-            affinity(Some(cpu))?;
+            pin_thread(cpu)?;
             let (_, u0, s0) = thread_times();
             let (mut sample, mut received) = (Sample::default(), 0);
             let batches = (CYCLE_PROBES / b).max(1);
@@ -564,7 +543,7 @@ fn main() -> Result<()> {
     let valid = seconds.is_finite() && seconds > 0.0;
     ensure!(valid, "--seconds must be positive");
     let report = BenchReport::new("probe-path");
-    let cpus = affinity(None)?;
+    let cpus = allowed_cpus()?;
     // CPU 0 usually takes the device interrupts, so the measured thread gets the last CPU.
     let (send_cpu, drain_cpu) = (cpus[cpus.len() - 1], cpus[0]);
 
@@ -587,7 +566,7 @@ fn main() -> Result<()> {
     };
     thread::scope(|s| -> Result<()> {
         s.spawn(move || -> Result<()> {
-            affinity(Some(drain_cpu))?;
+            pin_thread(drain_cpu)?;
             let mut buf = vec![0u8; 1 << 16];
             while req_rx.recv() == Ok(true) && done_tx.send(drain(&peers, &mut buf)).is_ok() {}
             Ok(())

@@ -2,12 +2,6 @@
 
 use super::*;
 
-pub(super) fn spread(v: &[f64], prec: usize) -> String {
-    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    format!("{min:.prec$}–{max:.prec$}")
-}
-
 pub(super) fn build_report(mut report: BenchReport, run: &Run, cg: &Callgrind) -> BenchReport {
     type Field = fn(&Sample) -> u64;
     let none = HashMap::new();

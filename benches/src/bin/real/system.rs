@@ -9,6 +9,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
+use lull_benches::net_counter;
 use socket2::{Domain, Socket, Type};
 
 /// `USER_HZ`: the unit of `/proc/stat` and `/proc/<pid>/stat` times.
@@ -393,25 +394,10 @@ pub struct TcpCounters {
 impl TcpCounters {
     pub fn read() -> Result<Self> {
         Ok(Self {
-            keepalive: counter("/proc/net/netstat", "TcpExt:", "TCPKeepAlive")?,
-            out_segs: counter("/proc/net/snmp", "Tcp:", "OutSegs")?,
+            keepalive: net_counter("/proc/net/netstat", "TcpExt:", "TCPKeepAlive")?,
+            out_segs: net_counter("/proc/net/snmp", "Tcp:", "OutSegs")?,
         })
     }
-}
-
-/// A counter from one of the two-line-per-group `/proc/net` files.
-fn counter(path: &str, group: &str, name: &str) -> Result<u64> {
-    let text = fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
-    let mut lines = text.lines().filter(|l| l.starts_with(group));
-    let (names, values) = lines
-        .next()
-        .zip(lines.next())
-        .with_context(|| format!("no {group} in {path}"))?;
-    names
-        .split_whitespace()
-        .position(|n| n == name)
-        .and_then(|i| values.split_whitespace().nth(i)?.parse().ok())
-        .with_context(|| format!("no {group} {name} in {path}"))
 }
 
 /// Times process `pid`'s threads have gone to sleep voluntarily (so been woken since):
