@@ -30,7 +30,9 @@ use std::{
 use anyhow::{Context, Result, anyhow, ensure};
 use clap::Parser;
 use lull::activity::{ActivityTable, TableOptions, cgroup2_root, tcp_info};
-use lull_benches::{BenchReport, Table, median, process_cpu_ns};
+use lull_benches::{
+    BenchReport, Table, allowed_cpus, median, net_counter, pin_thread, process_cpu_ns, spread,
+};
 
 /// Measures the per-packet cost of lull's eBPF programs on loopback TCP.
 #[derive(Parser, Debug)]
@@ -242,27 +244,9 @@ fn load_table() -> Result<ActivityTable> {
 /// scheduler happens to put the two threads: noise far larger than the effect measured.
 /// The highest-numbered CPU is used because CPU 0 usually takes most device interrupts.
 fn pin_to_one_cpu() -> Result<usize> {
-    let size = size_of::<libc::cpu_set_t>();
-    // SAFETY: cpu_set_t is a plain bit array, for which all zeroes is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid out-pointer of `size` bytes.
-    if unsafe { libc::sched_getaffinity(0, size, &mut set) } != 0 {
-        return Err(io::Error::last_os_error()).context("sched_getaffinity");
-    }
-    let cpu = (0..libc::CPU_SETSIZE as usize)
-        .rev()
-        // SAFETY: `c` is below CPU_SETSIZE, the set's size in bits.
-        .find(|&c| unsafe { libc::CPU_ISSET(c, &set) })
-        .context("this process may run on no CPU")?;
-    // SAFETY: as above; `cpu` is below CPU_SETSIZE.
-    unsafe {
-        libc::CPU_ZERO(&mut set);
-        libc::CPU_SET(cpu, &mut set);
-    }
-    // SAFETY: `set` is a valid, initialised cpu_set_t of `size` bytes.
-    if unsafe { libc::sched_setaffinity(0, size, &set) } != 0 {
-        return Err(io::Error::last_os_error()).context("sched_setaffinity");
-    }
+    let cpus = allowed_cpus()?;
+    let cpu = *cpus.last().context("this process may run on no CPU")?;
+    pin_thread(cpu)?;
     Ok(cpu)
 }
 
@@ -374,17 +358,7 @@ struct Counters {
 
 impl Counters {
     fn read(a: &TcpStream, b: &TcpStream) -> Result<Self> {
-        let snmp = fs::read_to_string("/proc/net/snmp").context("reading /proc/net/snmp")?;
-        let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
-        let (names, values) = tcp
-            .next()
-            .zip(tcp.next())
-            .context("no Tcp in /proc/net/snmp")?;
-        let out_segs = names
-            .split_whitespace()
-            .position(|n| n == "OutSegs")
-            .and_then(|i| values.split_whitespace().nth(i)?.parse().ok())
-            .context("no Tcp OutSegs in /proc/net/snmp")?;
+        let out_segs = net_counter("/proc/net/snmp", "Tcp:", "OutSegs")?;
         let mut segs_out = 0u32;
         for sock in [a, b] {
             let info = tcp_info(sock.as_fd()).context("getsockopt(TCP_INFO)")?;

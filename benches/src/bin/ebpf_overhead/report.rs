@@ -23,9 +23,7 @@ pub(super) fn ratio(
     rate: fn(&Sample) -> f64,
 ) -> (f64, String) {
     let ratios = paired(runs, config, |c, d| rate(c) / rate(d));
-    let min = ratios.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    (median(&ratios), format!("{min:.3}–{max:.3}"))
+    (median(&ratios), spread(&ratios, 3))
 }
 
 /// Median over rounds of the time added per round trip, spread over its packets, in ns.

@@ -10,10 +10,9 @@
 mod naive;
 
 use std::{
-    alloc::{GlobalAlloc, Layout, System},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -22,43 +21,12 @@ use anyhow::{Context as _, Result};
 use clap::Parser;
 use lull::{Engine, Policy, SourceChoice, activity::SimulatedSource, clock::monotonic_ns};
 use lull_benches::{BenchReport, Table, thread_cpu_ns};
+use lull_harness::alloc::CountingAllocator;
 use naive::{LATE_MS, NaiveEngine, NaiveStats};
 
 /// Counts live heap bytes, so memory per connection is what the structures allocated.
-struct Counting;
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: defers to `System` and only keeps a count beside it.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size(), Ordering::Relaxed);
-        // SAFETY: same contract as ours.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size(), Ordering::Relaxed);
-        // SAFETY: same contract as ours.
-        unsafe { System.alloc_zeroed(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
-        // SAFETY: same contract as ours.
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        LIVE.fetch_add(new, Ordering::Relaxed);
-        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
-        // SAFETY: same contract as ours.
-        unsafe { System.realloc(p, l, new) }
-    }
-}
-
 #[global_allocator]
-static ALLOC: Counting = Counting;
-
-fn live() -> usize {
-    LIVE.load(Ordering::Relaxed)
-}
+static ALLOC: CountingAllocator = CountingAllocator::new();
 
 /// engine-sim: lull's whole engine at millions of simulated connections, against a naive
 /// reset-per-event baseline on the same activity stream.
@@ -150,12 +118,12 @@ fn scenario(args: &Args, n: u32, msgs: u32, window: Duration) -> Result<Outcome>
     let ago: Vec<Duration> = (0..n)
         .map(|_| Duration::from_millis(rng.below(args.idle * 1000)))
         .collect();
-    let before_sim = live();
+    let before_sim = ALLOC.live_bytes();
     let sim = Arc::new(SimulatedSource::new(n));
-    let table_bytes = live() - before_sim;
+    let table_bytes = ALLOC.live_bytes() - before_sim;
 
     let mut handles = Vec::with_capacity(n as usize);
-    let before_engine = live();
+    let before_engine = ALLOC.live_bytes();
     let engine = Engine::builder()
         .capacity(n)
         .tick(args.tick)
@@ -172,16 +140,16 @@ fn scenario(args: &Args, n: u32, msgs: u32, window: Duration) -> Result<Outcome>
     while engine.stats().watched < u64::from(n) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let lull_bytes = live() - before_engine;
+    let lull_bytes = ALLOC.live_bytes() - before_engine;
     eprintln!(
         "engine-sim: n={n}: lull holds {} connections",
         engine.stats().watched
     );
 
     let start = Instant::now();
-    let before_naive = live();
+    let before_naive = ALLOC.live_bytes();
     let naive = NaiveEngine::new(sim.clone(), &ago, idle, interval, 3, start);
-    let naive_bytes = live() - before_naive;
+    let naive_bytes = ALLOC.live_bytes() - before_naive;
     drop(ago);
 
     // The activity stream: each second a fresh random `active` share of connections carries

@@ -1,14 +1,20 @@
 //! The probe-path benchmark's report: tables, ratios, goals and notes.
 
-use super::*;
+use std::{collections::HashMap, time::Instant};
 
-pub(super) fn spread(v: &[f64], prec: usize) -> String {
-    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    format!("{min:.prec$}–{max:.prec$}")
-}
+use lull_benches::{BenchReport, Table, median, spread};
 
-pub(super) fn build_report(mut report: BenchReport, run: &Run, cg: &Callgrind) -> BenchReport {
+use crate::{
+    batch::{PAIRS, STRATEGIES, Sample, Strategy},
+    callgrind::{CALLGRIND_PROBES, Callgrind},
+    ring::nanos,
+    run::{CYCLE_PROBES, Run},
+};
+
+/// CONFIG_HZ=250 on these VMs: getrusage's user/system split rests on one sample per tick.
+const TICK_NS: f64 = 4e6;
+
+pub fn build_report(mut report: BenchReport, run: &Run, cg: &Callgrind) -> BenchReport {
     type Field = fn(&Sample) -> u64;
     let none = HashMap::new();
     let ir = cg.as_ref().map_or(&none, |c| &c.0);

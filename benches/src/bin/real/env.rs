@@ -6,8 +6,8 @@ use std::collections::HashSet;
 use anyhow::Result;
 
 use crate::{
-    Plan,
     child::Kid,
+    plan::Plan,
     softirq::{Softirq, SoftirqTime},
     system::{CpuStat, ProcScan, blackhole, ticks_to_ms},
 };

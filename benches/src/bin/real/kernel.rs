@@ -8,16 +8,17 @@
 use std::{
     io::Read,
     net::TcpStream,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     time::Duration,
 };
 
 use anyhow::{Context as _, Result, ensure};
 use lull::clock::monotonic_ns;
+use socket2::{SockRef, TcpKeepalive};
 
 use crate::{
     proto::{Report, Timing},
-    worker::Running,
+    running::Running,
 };
 
 pub struct KernelRun {
@@ -27,25 +28,6 @@ pub struct KernelRun {
     done: Vec<bool>,
     report: Report,
     sink: Box<[u8]>,
-}
-
-fn set(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> Result<()> {
-    // SAFETY: a valid `int` option of the declared size, on a socket the caller owns.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (&raw const value).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    ensure!(
-        rc == 0,
-        "setsockopt({level}, {name}): {}",
-        std::io::Error::last_os_error()
-    );
-    Ok(())
 }
 
 impl KernelRun {
@@ -112,34 +94,25 @@ impl KernelRun {
 impl Running for KernelRun {
     fn add(&mut self, global: u64, stream: TcpStream) -> Result<()> {
         let timing = self.timing;
-        let secs = |ms: u64| (ms / 1000).max(1) as libc::c_int;
-        let fd = stream.as_raw_fd();
-        set(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
-        set(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_KEEPIDLE,
-            secs(timing.idle_ms),
-        )?;
-        set(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_KEEPINTVL,
-            secs(timing.interval_ms),
-        )?;
-        set(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_KEEPCNT,
-            timing.count as libc::c_int,
-        )?;
-        let bound_ms = timing.bound().as_millis() as libc::c_int;
-        set(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, bound_ms)?;
+        // Whole seconds, at least one, as the kernel takes them.
+        let secs = |ms: u64| Duration::from_secs((ms / 1000).max(1));
+        let keepalive = TcpKeepalive::new()
+            .with_time(secs(timing.idle_ms))
+            .with_interval(secs(timing.interval_ms))
+            .with_retries(timing.count);
+        let socket = SockRef::from(&stream);
+        socket
+            .set_tcp_keepalive(&keepalive)
+            .context("setsockopt(SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT)")?;
+        socket
+            .set_tcp_user_timeout(Some(timing.bound()))
+            .context("setsockopt(TCP_USER_TIMEOUT)")?;
         stream.set_nonblocking(true).context("setting O_NONBLOCK")?;
         let mut ev = libc::epoll_event {
             events: (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
             u64: self.conns.len() as u64,
         };
+        let fd = stream.as_raw_fd();
         // SAFETY: both fds are open; `ev` is a valid event the kernel copies.
         let rc =
             unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };

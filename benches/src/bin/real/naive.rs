@@ -23,7 +23,7 @@ use tokio::{
 
 use crate::{
     proto::{Report, Timing},
-    worker::Running,
+    running::Running,
 };
 
 #[derive(Default)]

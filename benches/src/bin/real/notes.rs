@@ -3,14 +3,13 @@
 
 use std::time::Duration;
 
-use lull_benches::BenchReport;
+use lull_benches::{BenchReport, thousands};
 
 use crate::{
-    Plan,
     env::{Background, Environment},
+    measured::{Measured, Outcome, Status},
+    plan::Plan,
     proto::{Role, Strategy},
-    report::{measured, thousands},
-    run::{Measured, Outcome, Status},
 };
 
 pub fn notes(
@@ -23,7 +22,7 @@ pub fn notes(
 ) {
     let ran: Vec<(Strategy, &Measured)> = outcomes
         .iter()
-        .filter_map(|o| measured(o).map(|m| (o.strategy, m)))
+        .filter_map(|o| o.measured().map(|m| (o.strategy, m)))
         .collect();
     let window_s = plan.window.as_secs_f64();
     let notes = &mut report.notes;

@@ -3,13 +3,13 @@
 
 use std::time::Duration;
 
-use lull_benches::{BenchReport, Series, Table};
+use lull_benches::{BenchReport, Series, Table, thousands};
 
 use crate::{
-    Plan,
     env::{Background, Environment},
+    measured::{Measured, Outcome, Status},
+    plan::Plan,
     proto::{Role, Strategy},
-    run::{Measured, Outcome, Status},
 };
 
 /// `values` at quantile `q` (nearest rank), or `None` if empty.
@@ -18,18 +18,6 @@ fn quantile(values: &[f64], q: f64) -> Option<f64> {
     v.sort_by(f64::total_cmp);
     let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len().max(1));
     v.get(rank - 1).copied()
-}
-
-pub(crate) fn thousands(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 fn caught(found: usize, of: u64) -> String {
@@ -47,39 +35,6 @@ fn latencies(ms: &[f64]) -> String {
     }
 }
 
-impl Measured {
-    pub(crate) fn hours(&self) -> f64 {
-        self.conns as f64 * self.window.as_secs_f64() / 3600.0
-    }
-
-    /// CPU per connection-hour, ms.
-    pub(crate) fn per_conn_hour(&self) -> f64 {
-        self.cpu.ours() / self.hours()
-    }
-
-    fn per_probe_us(&self) -> Option<f64> {
-        (self.probes > 0).then(|| self.cpu.ours() * 1e3 / self.probes as f64)
-    }
-
-    /// Kernel memory per connection: the slab caches that grew with the connections (less
-    /// `/proc` fd entries) if slabinfo could be read, the `Slab` line of /proc/meminfo
-    /// otherwise.
-    pub(crate) fn slab_per_conn(&self) -> f64 {
-        let bytes = self
-            .memory
-            .objects
-            .map_or(self.memory.slab, |(_, sockets)| sockets);
-        bytes as f64 / self.conns as f64
-    }
-}
-
-pub(crate) fn measured(outcome: &Outcome) -> Option<&Measured> {
-    match &outcome.status {
-        Status::Ran(m) => Some(m),
-        _ => None,
-    }
-}
-
 /// A row for a strategy that did not run: its name and why, then dashes.
 fn missing_row(outcome: &Outcome, columns: usize) -> Vec<String> {
     let what = match &outcome.status {
@@ -90,6 +45,41 @@ fn missing_row(outcome: &Outcome, columns: usize) -> Vec<String> {
     let mut row = vec![outcome.strategy.label().to_string(), what.to_string()];
     row.resize(columns, "—".into());
     row
+}
+
+/// A table with a row per strategy, in run order: its name, then `cells` of what it measured,
+/// or [`missing_row`] if it did not run.
+fn per_strategy(
+    title: impl Into<String>,
+    columns: &[&str],
+    outcomes: &[Outcome],
+    cells: impl Fn(&Measured) -> Vec<String>,
+) -> Table {
+    let mut table = Table::new(title, columns);
+    for outcome in outcomes {
+        table.row(match outcome.measured() {
+            Some(m) => [vec![outcome.strategy.label().to_string()], cells(m)].concat(),
+            None => missing_row(outcome, columns.len()),
+        });
+    }
+    table
+}
+
+/// lull-ebpf's CPU per connection-hour among `outcomes`, the base of every "vs lull-ebpf".
+fn lull_ebpf_per_conn_hour(outcomes: &[Outcome]) -> Option<f64> {
+    outcomes
+        .iter()
+        .find(|o| o.strategy == Strategy::LullEbpf)
+        .and_then(Outcome::measured)
+        .map(Measured::per_conn_hour)
+}
+
+/// `m`'s CPU per connection-hour as a multiple of `baseline`.
+fn vs(m: &Measured, baseline: Option<f64>) -> String {
+    match baseline {
+        Some(b) if b > 0.0 => format!("{:.2}x", m.per_conn_hour() / b),
+        _ => "—".into(),
+    }
 }
 
 /// Every strategy at one connection count.
@@ -109,14 +99,39 @@ pub fn build(
 ) -> BenchReport {
     // The detailed tables are for the largest pass, the last.
     let outcomes: &[Outcome] = passes.last().map_or(&[], |p| &p.outcomes);
-    let t = plan.timing;
-    let baseline = outcomes
-        .iter()
-        .find(|o| o.strategy == Strategy::LullEbpf)
-        .and_then(measured)
-        .map(Measured::per_conn_hour);
-    let window_s = plan.window.as_secs_f64();
+    report.tables.extend([
+        main_table(plan, outcomes),
+        cpu_table(outcomes),
+        work_table(outcomes),
+        memory_table(outcomes),
+    ]);
+    scaling(&mut report, plan, passes);
+    latency_distribution(&mut report, outcomes);
 
+    crate::notes::notes(
+        &mut report,
+        plan,
+        env,
+        outcomes,
+        (backgrounds, backlog),
+        elapsed,
+    );
+    report
+}
+
+/// Cost, detection and kernel memory: the table the others explain.
+fn main_table(plan: &Plan, outcomes: &[Outcome]) -> Table {
+    let t = plan.timing;
+    let baseline = lull_ebpf_per_conn_hour(outcomes);
+    let title = format!(
+        "keepalive over real loopback sockets: idle {} s, interval {} s, count {} (bound {} s), \
+         {:.0} s window per strategy",
+        t.idle().as_secs_f64(),
+        t.interval().as_secs_f64(),
+        t.count,
+        t.bound().as_secs_f64(),
+        plan.window.as_secs_f64(),
+    );
     let columns = [
         "strategy",
         "connections",
@@ -131,43 +146,28 @@ pub fn build(
         "vanished p50 / p99 ms",
         "kernel B/conn",
     ];
-    let mut main = Table::new(
-        format!(
-            "keepalive over real loopback sockets: idle {} s, interval {} s, count {} (bound {} \
-             s), {window_s:.0} s window per strategy",
-            t.idle().as_secs_f64(),
-            t.interval().as_secs_f64(),
-            t.count,
-            t.bound().as_secs_f64(),
-        ),
-        &columns,
-    );
-    for outcome in outcomes {
-        let Some(m) = measured(outcome) else {
-            main.row(missing_row(outcome, columns.len()));
-            continue;
-        };
-        let ratio = match baseline {
-            Some(b) if b > 0.0 => format!("{:.2}x", m.per_conn_hour() / b),
-            _ => "—".into(),
-        };
-        main.row(vec![
-            outcome.strategy.label().into(),
+    per_strategy(title, &columns, outcomes, |m| {
+        vec![
             thousands(m.conns),
             thousands(m.probes),
             format!("{:.0}", m.cpu.ours()),
             m.per_probe_us().map_or("—".into(), |us| format!("{us:.1}")),
             format!("{:.1}", m.per_conn_hour()),
-            ratio,
+            vs(m, baseline),
             caught(m.hung_ms.len(), m.roles[Role::Hung.index()]),
             latencies(&m.hung_ms),
             caught(m.vanished_ms.len(), m.roles[Role::Vanishing.index()]),
             latencies(&m.vanished_ms),
             format!("{:.0}", m.slab_per_conn()),
-        ]);
-    }
-    report.tables.push(main);
+        ]
+    })
+}
 
+/// Where each strategy's CPU figure comes from.
+fn cpu_table(outcomes: &[Outcome]) -> Table {
+    let title = "where the CPU went over each window (CPU = the run's processes + softirq charged \
+                 to anything else - that softirq's background; softirq in them is already in \
+                 their times)";
     let columns = [
         "strategy",
         "workers usr/sys ms",
@@ -182,24 +182,14 @@ pub fn build(
         "other processes ms",
         "whole less others ms",
     ];
-    let mut cpu = Table::new(
-        "where the CPU went over each window (CPU = the run's processes + softirq charged to \
-         anything else - that softirq's background; softirq in them is already in their times)",
-        &columns,
-    );
-    for outcome in outcomes {
-        let Some(m) = measured(outcome) else {
-            cpu.row(missing_row(outcome, columns.len()));
-            continue;
-        };
+    per_strategy(title, &columns, outcomes, |m| {
         let c = &m.cpu;
         let ms = |x: Option<f64>| x.map_or("—".into(), |x| format!("{x:.0}"));
         let background = match c.softirq_elsewhere() {
             Some((_, background)) => background,
             None => c.background.whole_less_others * c.window_s,
         };
-        cpu.row(vec![
-            outcome.strategy.label().into(),
+        vec![
             format!("{:.0} / {:.0}", c.workers_user, c.workers_sys),
             format!("{:.0} / {:.0}", c.peers_user, c.peers_sys),
             format!("{:.0}", c.orchestrator),
@@ -211,10 +201,14 @@ pub fn build(
             format!("{:.0}", c.whole),
             format!("{:.0}", c.others),
             format!("{:.0}", c.whole_less_others()),
-        ]);
-    }
-    report.tables.push(cpu);
+        ]
+    })
+}
 
+/// Probes, wakeups and packets: the work behind the CPU figures.
+fn work_table(outcomes: &[Outcome]) -> Table {
+    let title = "the work over each window (workers are the client side, the part that stays on \
+                 this host on a real network)";
     let columns = [
         "strategy",
         "probes/conn-hour",
@@ -225,16 +219,7 @@ pub fn build(
         "segments/probe",
         "backlog drops",
     ];
-    let mut work = Table::new(
-        "the work over each window (workers are the client side, the part that stays on this \
-         host on a real network)",
-        &columns,
-    );
-    for outcome in outcomes {
-        let Some(m) = measured(outcome) else {
-            work.row(missing_row(outcome, columns.len()));
-            continue;
-        };
+    per_strategy(title, &columns, outcomes, |m| {
         let per_probe = |x: f64| {
             if m.probes > 0 {
                 format!("{:.1}", x / m.probes as f64)
@@ -243,8 +228,7 @@ pub fn build(
             }
         };
         let secs = m.window.as_secs_f64();
-        work.row(vec![
-            outcome.strategy.label().into(),
+        vec![
             format!("{:.0}", m.probes as f64 / m.hours()),
             per_probe((m.cpu.workers_user + m.cpu.workers_sys) * 1e3),
             format!("{:.0}", m.wakeups.0 as f64 / secs),
@@ -252,10 +236,14 @@ pub fn build(
             thousands(m.segments),
             per_probe(m.segments as f64),
             thousands(m.drops),
-        ]);
-    }
-    report.tables.push(work);
+        ]
+    })
+}
 
+/// Kernel and worker memory per connection, by every reading taken.
+fn memory_table(outcomes: &[Outcome]) -> Table {
+    let title = "memory per connection (growth from before the workers started to every \
+                 connection up; a connection is both ends' sockets)";
     let columns = [
         "strategy",
         "Slab B/conn",
@@ -265,16 +253,7 @@ pub fn build(
         "worker RSS B/conn",
         "largest slab growth, B/conn",
     ];
-    let mut mem = Table::new(
-        "memory per connection (growth from before the workers started to every connection up; \
-         a connection is both ends' sockets)",
-        &columns,
-    );
-    for outcome in outcomes {
-        let Some(m) = measured(outcome) else {
-            mem.row(missing_row(outcome, columns.len()));
-            continue;
-        };
+    per_strategy(title, &columns, outcomes, |m| {
         let per = |b: i64| format!("{:.0}", b as f64 / m.conns as f64);
         let top: Vec<String> = m
             .memory
@@ -283,8 +262,7 @@ pub fn build(
             .filter(|(_, b)| *b > 0)
             .map(|(name, b)| format!("{name} {}", per(*b)))
             .collect();
-        mem.row(vec![
-            outcome.strategy.label().into(),
+        vec![
             per(m.memory.slab),
             per(m.memory.unreclaimable),
             m.memory.objects.map_or("—".into(), |(all, _)| per(all)),
@@ -293,22 +271,8 @@ pub fn build(
                 .map_or("—".into(), |(_, sockets)| per(sockets)),
             per(m.memory.rss),
             top.join(", "),
-        ]);
-    }
-    report.tables.push(mem);
-
-    scaling(&mut report, plan, passes);
-    latency_distribution(&mut report, outcomes);
-
-    crate::notes::notes(
-        &mut report,
-        plan,
-        env,
-        outcomes,
-        (backgrounds, backlog),
-        elapsed,
-    );
-    report
+        ]
+    })
 }
 
 /// CPU against connection count: a table and a chart, one line per strategy.
@@ -330,31 +294,22 @@ fn scaling(report: &mut BenchReport, plan: &Plan, passes: &[Pass]) {
     );
     let mut lines: Vec<(Strategy, Vec<(f64, f64)>)> = Vec::new();
     for pass in passes {
-        let baseline = pass
-            .outcomes
-            .iter()
-            .find(|o| o.strategy == Strategy::LullEbpf)
-            .and_then(measured)
-            .map(Measured::per_conn_hour);
+        let baseline = lull_ebpf_per_conn_hour(&pass.outcomes);
         for outcome in &pass.outcomes {
-            let Some(m) = measured(outcome) else {
+            let Some(m) = outcome.measured() else {
                 let mut row = missing_row(outcome, columns.len());
                 row[1] = thousands(pass.conns);
                 table.row(row);
                 continue;
             };
             let core_pct = m.cpu.ours() / (m.window.as_secs_f64() * 1e3) * 100.0;
-            let ratio = match baseline {
-                Some(b) if b > 0.0 => format!("{:.2}x", m.per_conn_hour() / b),
-                _ => "—".into(),
-            };
             table.row(vec![
                 outcome.strategy.label().into(),
                 thousands(m.conns),
                 format!("{:.0}", m.cpu.ours()),
                 format!("{core_pct:.1}"),
                 format!("{:.1}", m.per_conn_hour()),
-                ratio,
+                vs(m, baseline),
             ]);
             match lines.iter_mut().find(|(s, _)| *s == outcome.strategy) {
                 Some((_, points)) => points.push((m.conns as f64, core_pct)),
@@ -385,7 +340,9 @@ const CDF_POINTS: usize = 200;
 /// see hung peers levels off at their share.
 fn latency_distribution(report: &mut BenchReport, outcomes: &[Outcome]) {
     for outcome in outcomes {
-        let Some(m) = measured(outcome) else { continue };
+        let Some(m) = outcome.measured() else {
+            continue;
+        };
         let dead = m.roles[Role::Hung.index()] + m.roles[Role::Vanishing.index()];
         if dead == 0 {
             continue;

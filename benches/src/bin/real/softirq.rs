@@ -91,16 +91,24 @@ const MAP_LOOKUP: i32 = 1;
 const KTIME: i32 = 5;
 const PID_TGID: i32 = 14;
 
+/// `r0 = bpf_map_lookup_elem(map, fp + key)`, the key already stored at `fp + key` (five
+/// instructions).
+fn lookup(map: &OwnedFd, key: i16) -> [u64; 5] {
+    let [map_lo, map_hi] = load_map(1, map);
+    [
+        insn(MOV_REG, 2, 10, 0, 0),
+        insn(ADD_IMM, 2, 0, 0, key.into()),
+        map_lo,
+        map_hi,
+        insn(CALL, 0, 0, 0, MAP_LOOKUP),
+    ]
+}
+
 /// `softirq_entry`: stamp this CPU's accumulator.
 fn entry_program(acc: &OwnedFd) -> Vec<u64> {
-    let mut p = vec![
-        insn(ST_W, 10, 0, -4, 0),
-        insn(MOV_REG, 2, 10, 0, 0),
-        insn(ADD_IMM, 2, 0, 0, -4),
-    ];
-    p.extend(load_map(1, acc));
+    let mut p = vec![insn(ST_W, 10, 0, -4, 0)];
+    p.extend(lookup(acc, -4));
     p.extend([
-        insn(CALL, 0, 0, 0, MAP_LOOKUP),
         insn(JEQ_IMM, 0, 0, 3, 0), // -> exit
         insn(MOV_REG, 6, 0, 0, 0),
         insn(CALL, 0, 0, 0, KTIME),
@@ -118,13 +126,10 @@ fn exit_program(acc: &OwnedFd, pids: &OwnedFd) -> Vec<u64> {
         insn(CALL, 0, 0, 0, KTIME),
         insn(MOV_REG, 7, 0, 0, 0),
         insn(ST_W, 10, 0, -4, 0),
-        insn(MOV_REG, 2, 10, 0, 0),
-        insn(ADD_IMM, 2, 0, 0, -4),
     ];
-    p.extend(load_map(1, acc));
+    p.extend(lookup(acc, -4)); // 3..=7
     p.extend([
-        insn(CALL, 0, 0, 0, MAP_LOOKUP), // 7
-        insn(JEQ_IMM, 0, 0, 26, 0),      // 8 -> 35
+        insn(JEQ_IMM, 0, 0, 26, 0), // 8 -> 35
         insn(MOV_REG, 6, 0, 0, 0),
         insn(LDX_DW, 8, 6, 0, 0),
         insn(JEQ_IMM, 8, 0, 23, 0), // 11 -> 35: no stamp (attached mid-softirq)
@@ -134,13 +139,10 @@ fn exit_program(acc: &OwnedFd, pids: &OwnedFd) -> Vec<u64> {
         insn(JEQ_IMM, 0, 0, 16, 0), // 15 -> 32: the idle task
         insn(RSH_IMM, 0, 0, 0, 32),
         insn(STX_W, 10, 0, -8, 0),
-        insn(MOV_REG, 2, 10, 0, 0),
-        insn(ADD_IMM, 2, 0, 0, -8),
     ]);
-    p.extend(load_map(1, pids));
+    p.extend(lookup(pids, -8)); // 18..=22
     p.extend([
-        insn(CALL, 0, 0, 0, MAP_LOOKUP), // 22
-        insn(JNE_IMM, 0, 0, 4, 0),       // 23 -> 28: one of ours
+        insn(JNE_IMM, 0, 0, 4, 0), // 23 -> 28: one of ours
         insn(LDX_DW, 1, 6, 24, 0),
         insn(ADD_REG, 1, 7, 0, 0),
         insn(STX_DW, 6, 1, 24, 0),

@@ -4,10 +4,13 @@
 use std::{
     collections::{HashMap, HashSet},
     fs,
+    os::fd::AsRawFd,
     process::Command,
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
+use lull_benches::net_counter;
+use socket2::{Domain, Socket, Type};
 
 /// `USER_HZ`: the unit of `/proc/stat` and `/proc/<pid>/stat` times.
 pub fn ticks_per_second() -> u64 {
@@ -29,22 +32,20 @@ pub fn private_netns() -> Result<()> {
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
         return Err(std::io::Error::last_os_error()).context("unshare(CLONE_NEWNET)");
     }
-    // SAFETY: plain socket creation.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    // Any socket will do: the ioctls act on the interface it names.
+    let socket = Socket::new(Domain::IPV4, Type::DGRAM, None).context("socket(AF_INET)")?;
+    let fd = socket.as_raw_fd();
     // SAFETY: all-zero is a valid `ifreq`.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
         *dst = *src as libc::c_char;
     }
     // SAFETY: `req` is a valid `ifreq` naming `lo`; the ioctls read and write only it; `fd`
-    // is ours and closed once.
+    // stays open until `socket` drops.
     let ok = unsafe {
         let got = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) == 0;
         req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-        let set = got && libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) == 0;
-        libc::close(fd);
-        set
+        got && libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) == 0
     };
     ensure!(ok, "bringing up lo: {}", std::io::Error::last_os_error());
     Ok(())
@@ -393,25 +394,10 @@ pub struct TcpCounters {
 impl TcpCounters {
     pub fn read() -> Result<Self> {
         Ok(Self {
-            keepalive: counter("/proc/net/netstat", "TcpExt:", "TCPKeepAlive")?,
-            out_segs: counter("/proc/net/snmp", "Tcp:", "OutSegs")?,
+            keepalive: net_counter("/proc/net/netstat", "TcpExt:", "TCPKeepAlive")?,
+            out_segs: net_counter("/proc/net/snmp", "Tcp:", "OutSegs")?,
         })
     }
-}
-
-/// A counter from one of the two-line-per-group `/proc/net` files.
-fn counter(path: &str, group: &str, name: &str) -> Result<u64> {
-    let text = fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
-    let mut lines = text.lines().filter(|l| l.starts_with(group));
-    let (names, values) = lines
-        .next()
-        .zip(lines.next())
-        .with_context(|| format!("no {group} in {path}"))?;
-    names
-        .split_whitespace()
-        .position(|n| n == name)
-        .and_then(|i| values.split_whitespace().nth(i)?.parse().ok())
-        .with_context(|| format!("no {group} {name} in {path}"))
 }
 
 /// Times process `pid`'s threads have gone to sleep voluntarily (so been woken since):
@@ -430,35 +416,6 @@ pub fn wakeups(pid: u32) -> u64 {
                 .and_then(|v| v.trim().parse::<u64>().ok())
         })
         .sum()
-}
-
-/// This process's resident memory, in bytes.
-pub fn rss_bytes() -> u64 {
-    let statm = fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    pages * (unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).max(1) as u64
-}
-
-/// Raises the soft fd limit to the hard one (20,000 here) and returns it.
-pub fn raise_fd_limit() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: valid out-pointer; setrlimit with values the kernel just gave us.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        }
-    }
-    lim.rlim_cur
 }
 
 /// Ends this process after `secs` whatever it is doing: a child's last line of defence, so

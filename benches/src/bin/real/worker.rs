@@ -6,25 +6,28 @@
 //! reporting what it saw when told it ends (`report`).
 
 use std::{
-    collections::HashMap,
     io::{BufRead, Write},
     net::{SocketAddr, TcpStream},
-    os::fd::AsRawFd,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
-use lull::{ConnId, Engine, Event, Payload, Policy, Probe, SourceChoice, Watched, clock};
+use lull_harness::{
+    process::{raise_fd_limit, rss_bytes},
+    socket::set_linger_zero,
+};
 
 use crate::{
     kernel::KernelRun,
+    lull_engine::LullRun,
     naive::TokioRun,
     proto::{
-        CMD_MARK, CMD_REPORT, MARKED, READY, REPORT, Ready, Report, Role, Strategy, Timing,
-        UNAVAILABLE, role_of,
+        CMD_MARK, CMD_REPORT, MARKED, READY, REPORT, Ready, Role, Strategy, Timing, UNAVAILABLE,
+        role_of,
     },
-    system::{raise_fd_limit, rss_bytes, watchdog},
+    running::Running,
+    system::watchdog,
 };
 
 /// (internal) The client end of one share of a strategy's connections.
@@ -67,28 +70,8 @@ const POLL: Duration = Duration::from_millis(50);
 /// Failed connects after which a worker stops trying and reports the count it reached.
 const MAX_FAILURES: u64 = 50;
 
-/// A strategy at work over the worker's connections.
-pub trait Running {
-    /// Puts one more connection under the strategy.
-    fn add(&mut self, global: u64, stream: TcpStream) -> Result<()>;
-    /// Called once every connection is added, before READY.
-    fn settle(&mut self, _conns: u64) -> Result<()> {
-        Ok(())
-    }
-    /// Does the strategy's work (or lets its own threads do it) for about `wait`.
-    fn poll(&mut self, wait: Duration) -> Result<()>;
-    /// Probes sent so far, if the strategy counts them itself.
-    fn probes(&self) -> Option<u64>;
-    /// Verdicts and other endings so far.
-    fn report(&self) -> Report;
-    /// Something about the strategy worth printing (lull's activity source).
-    fn detail(&self) -> String {
-        String::new()
-    }
-}
-
 pub fn run(args: &WorkerArgs) -> Result<()> {
-    raise_fd_limit();
+    raise_fd_limit().context("raising the worker's fd limit")?;
     watchdog(args.lifetime_secs);
     let commands = stdin_lines();
     let timing = Timing {
@@ -96,25 +79,22 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
         interval_ms: args.interval_ms,
         count: args.count,
     };
-    let rss_before = rss_bytes();
-    // eBPF needs privileges this process may lack: find out before opening anything.
-    let engine = match args.strategy {
-        Strategy::LullEbpf | Strategy::LullTcpinfo => match lull_engine(args) {
-            Ok(engine) => Some(engine),
-            Err(why) => {
-                // The outermost message already names the cause; the chain repeats it.
-                say(&format!("{UNAVAILABLE} {why}"));
-                return Ok(());
+    let rss_before = rss_bytes().context("reading the worker's RSS")?;
+    let mut running: Box<dyn Running> = match args.strategy {
+        // eBPF needs privileges this process may lack: find out before opening anything.
+        Strategy::LullEbpf | Strategy::LullTcpinfo => {
+            let tick = args.lull_tick_us.map(Duration::from_micros);
+            match LullRun::start(args.strategy, timing, args.conns, tick) {
+                Ok(lull) => Box::new(lull),
+                Err(why) => {
+                    // The outermost message already names the cause; the chain repeats it.
+                    say(&format!("{UNAVAILABLE} {why}"));
+                    return Ok(());
+                }
             }
-        },
-        _ => None,
-    };
-    let mut running: Box<dyn Running> = match engine {
-        Some(engine) => Box::new(LullRun::new(engine, timing, args.conns as usize)),
-        None if args.strategy == Strategy::Kernel => {
-            Box::new(KernelRun::new(timing, args.conns as usize)?)
         }
-        None => Box::new(TokioRun::new(timing)?),
+        Strategy::Kernel => Box::new(KernelRun::new(timing, args.conns as usize)?),
+        Strategy::Tokio => Box::new(TokioRun::new(timing)?),
     };
     let (n, failed, roles) = connect_all(args, running.as_mut())?;
     running.settle(n)?;
@@ -123,7 +103,7 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
         failed,
         roles,
         rss_before,
-        rss_after: rss_bytes(),
+        rss_after: rss_bytes().context("reading the worker's RSS")?,
         detail: running.detail(),
     };
     say(&format!("{READY} {}", serde_json::to_string(&ready)?));
@@ -232,129 +212,6 @@ fn connect(target: SocketAddr) -> Result<TcpStream> {
     // Closing with a RST instead of a FIN leaves no TIME_WAIT behind, so a strategy's
     // teardown neither holds ephemeral ports nor frees slab memory during the next one's
     // measurements. It changes nothing before the close.
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid option pointer of the declared size, on a socket we own.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("setsockopt(SO_LINGER)");
-    }
+    set_linger_zero(&stream).context("setsockopt(SO_LINGER)")?;
     Ok(stream)
-}
-
-fn lull_engine(args: &WorkerArgs) -> Result<Engine> {
-    let source = match args.strategy {
-        Strategy::LullEbpf => SourceChoice::Ebpf,
-        _ => SourceChoice::TcpInfo,
-    };
-    let mut builder = Engine::builder();
-    if let Some(us) = args.lull_tick_us {
-        builder = builder.tick(Duration::from_micros(us));
-    }
-    Ok(builder
-        .capacity(u32::try_from(args.conns)?.max(1))
-        .source(source)
-        .name("real-lull")
-        .build()?)
-}
-
-/// lull: one engine, every connection watched, verdicts from its event channel.
-struct LullRun {
-    engine: Engine,
-    policy: Policy,
-    /// Held so the watches (and the sockets) live as long as the worker.
-    watched: Vec<Watched<TcpStream>>,
-    ids: HashMap<ConnId, u64>,
-    report: Report,
-}
-
-impl LullRun {
-    fn new(engine: Engine, timing: Timing, conns: usize) -> Self {
-        let policy = Policy::detect_dead(timing.idle(), timing.interval(), timing.count)
-            .with_probe(Probe::Bytes(Payload::redis_ping()))
-            // Nobody else reads these sockets, so lull must, or the busy peers' bytes and the
-            // answers to its probes would pile up in the receive buffers.
-            .with_drain(true);
-        Self {
-            engine,
-            policy,
-            watched: Vec::with_capacity(conns),
-            ids: HashMap::with_capacity(conns),
-            report: Report::default(),
-        }
-    }
-
-    fn take(&mut self, event: Event) {
-        let now = clock::monotonic_ns();
-        match event {
-            Event::Dead { id, .. } => {
-                if let Some(&global) = self.ids.get(&id) {
-                    self.report.dead.push((global, now));
-                }
-            }
-            Event::Closed { .. } => self.report.closed += 1,
-            Event::Revived { .. } => self.report.revived += 1,
-            Event::ProbeDue { .. } => {}
-        }
-    }
-}
-
-impl Running for LullRun {
-    fn add(&mut self, global: u64, stream: TcpStream) -> Result<()> {
-        let watched = self
-            .engine
-            .watch(stream, &self.policy)
-            .context("watching a connection")?;
-        self.ids.insert(watched.id(), global);
-        self.watched.push(watched);
-        Ok(())
-    }
-
-    fn settle(&mut self, conns: u64) -> Result<()> {
-        // The engine takes each watch from a queue; READY means every connection is on its
-        // wheel.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while self.engine.stats().watched < conns && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(())
-    }
-
-    fn poll(&mut self, wait: Duration) -> Result<()> {
-        if let Ok(event) = self.engine.events().recv_timeout(wait) {
-            self.take(event);
-            // Bounded: the channel holds at most its capacity.
-            let more: Vec<Event> = self.engine.events().try_iter().take(1 << 16).collect();
-            for event in more {
-                self.take(event);
-            }
-        }
-        Ok(())
-    }
-
-    fn probes(&self) -> Option<u64> {
-        Some(self.engine.stats().probes_sent)
-    }
-
-    fn report(&self) -> Report {
-        let dropped = self.engine.stats().events_dropped;
-        if dropped > 0 {
-            eprintln!("real worker: lull dropped {dropped} events (its channel was full)");
-        }
-        self.report.clone()
-    }
-
-    fn detail(&self) -> String {
-        format!("source {}", self.engine.source_kind())
-    }
 }

@@ -11,13 +11,11 @@
 mod report;
 
 use std::{
-    alloc::{GlobalAlloc, Layout, System},
     cmp::Reverse,
     collections::BinaryHeap,
     future::poll_fn,
     hint::black_box,
     path::PathBuf,
-    sync::atomic::{AtomicUsize, Ordering},
     task::Poll,
     time::{Duration, Instant},
 };
@@ -26,6 +24,7 @@ use anyhow::{Context, Result, ensure};
 use clap::Parser;
 use lull::wheel::{ENTRY_BYTES, TimerKey, TimingWheel};
 use lull_benches::{BenchReport, Table, median};
+use lull_harness::alloc::CountingAllocator;
 use tokio::runtime::Runtime;
 use tokio_util::time::DelayQueue;
 
@@ -47,47 +46,10 @@ struct Args {
     out: Option<PathBuf>,
 }
 
-/// Live heap bytes of the whole process.
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-
-/// `System`, counting live bytes: the one way to compare structures that allocate
-/// differently (one `Vec`, a slab plus boxed sleeps, a heap plus a side table) on equal terms.
-struct Counting;
-
-// SAFETY: every call is forwarded to `System` unchanged; only a counter is added.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded with the caller's guarantees.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            LIVE.fetch_add(layout.size(), Ordering::Relaxed);
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded with the caller's guarantees.
-        unsafe { System.dealloc(ptr, layout) };
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: forwarded with the caller's guarantees.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-            LIVE.fetch_add(new_size, Ordering::Relaxed);
-        }
-        p
-    }
-}
-
+/// Counts live heap bytes: the one way to compare structures that allocate differently (one
+/// `Vec`, a slab plus boxed sleeps, a heap plus a side table) on equal terms.
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
-
-fn live_bytes() -> usize {
-    LIVE.load(Ordering::Relaxed)
-}
+static ALLOC: CountingAllocator = CountingAllocator::new();
 
 /// Deadlines are uniform over 1..=HORIZON ticks: 30 s of 1 ms ticks, a keepalive interval.
 const HORIZON: u64 = 30_000;
@@ -239,7 +201,7 @@ fn check_fired(fired: usize, w: &Workload, empty: bool) -> Result<()> {
 fn run_lull(w: &Workload) -> Result<Sample> {
     let mut s = Sample::default();
     let mut keys: Vec<TimerKey> = Vec::with_capacity(w.len());
-    let base = live_bytes();
+    let base = ALLOC.live_bytes();
 
     let t = Instant::now();
     let mut wheel = TimingWheel::new();
@@ -247,7 +209,7 @@ fn run_lull(w: &Workload) -> Result<Sample> {
         keys.push(wheel.insert(u64::from(d), i as u32));
     }
     s.insert = elapsed_ns(t);
-    s.bytes = live_bytes() - base + size_of::<TimingWheel>();
+    s.bytes = ALLOC.live_bytes() - base + size_of::<TimingWheel>();
 
     let t = Instant::now();
     let mut missing = 0usize;
@@ -285,7 +247,7 @@ fn run_lull(w: &Workload) -> Result<Sample> {
 /// also pushes a new entry), and expiry skips popped entries whose generation is stale.
 fn run_heap(w: &Workload) -> Result<Sample> {
     let mut s = Sample::default();
-    let base = live_bytes();
+    let base = ALLOC.live_bytes();
 
     // Deadlines are u64 ticks, as in the other two, though this workload's would fit a u32.
     let t = Instant::now();
@@ -296,7 +258,7 @@ fn run_heap(w: &Workload) -> Result<Sample> {
         heap.push(Reverse((u64::from(d), i as u32, 0)));
     }
     s.insert = elapsed_ns(t);
-    s.bytes = live_bytes() - base + size_of_val(&heap) + size_of_val(&generation);
+    s.bytes = ALLOC.live_bytes() - base + size_of_val(&heap) + size_of_val(&generation);
 
     let t = Instant::now();
     for &i in &w.cancel {
@@ -339,7 +301,7 @@ fn run_delay_queue(rt: &Runtime, w: &Workload) -> Result<Sample> {
     rt.block_on(async {
         let mut s = Sample::default();
         let mut keys = Vec::with_capacity(w.len());
-        let base = live_bytes();
+        let base = ALLOC.live_bytes();
 
         let t = Instant::now();
         let start = tokio::time::Instant::now();
@@ -349,7 +311,7 @@ fn run_delay_queue(rt: &Runtime, w: &Workload) -> Result<Sample> {
             keys.push(dq.insert_at(i as u32, at(d)));
         }
         s.insert = elapsed_ns(t);
-        s.bytes = live_bytes() - base + size_of::<DelayQueue<u32>>();
+        s.bytes = ALLOC.live_bytes() - base + size_of::<DelayQueue<u32>>();
 
         let t = Instant::now();
         let mut missing = 0usize;
