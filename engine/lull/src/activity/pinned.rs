@@ -35,7 +35,7 @@ use std::{
 };
 
 use aya::{
-    EbpfLoader,
+    Ebpf, EbpfLoader,
     maps::{Map, MapData, SkStorage},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SockOps,
@@ -385,7 +385,7 @@ fn make_pins(object: &[u8], rows: u32, dir: &Path) -> Result<(), ActivityError> 
             SockOffsets::default()
         }
     };
-    let level = super::table::kernel_log_level();
+    let level = kernel_log_level();
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(ACTIVITY_MAP, rows)
         .override_global(aya_log::LEVEL, &level, false)
@@ -402,17 +402,17 @@ fn make_pins(object: &[u8], rows: u32, dir: &Path) -> Result<(), ActivityError> 
             source: e.into(),
         }
     };
-    let ingress: &mut CgroupSkb = super::table::program_mut(&mut ebpf, INGRESS_PROG)?;
+    let ingress: &mut CgroupSkb = program_mut(&mut ebpf, INGRESS_PROG)?;
     ingress
         .load()
-        .map_err(|e| super::table::program_error(INGRESS_PROG, "loading", e))?;
+        .map_err(|e| program_error(INGRESS_PROG, "loading", e))?;
     ingress
         .pin(dir.join("prog_ingress"))
         .map_err(pin(dir.join("prog_ingress")))?;
-    let sock_ops: &mut SockOps = super::table::program_mut(&mut ebpf, SOCK_OPS_PROG)?;
+    let sock_ops: &mut SockOps = program_mut(&mut ebpf, SOCK_OPS_PROG)?;
     sock_ops
         .load()
-        .map_err(|e| super::table::program_error(SOCK_OPS_PROG, "loading", e))?;
+        .map_err(|e| program_error(SOCK_OPS_PROG, "loading", e))?;
     sock_ops
         .pin(dir.join("prog_sock_ops"))
         .map_err(pin(dir.join("prog_sock_ops")))?;
@@ -508,5 +508,45 @@ pub(crate) fn ensure_bpffs() -> Result<(), ActivityError> {
         Err(ActivityError::Bpffs {
             why: std::io::Error::last_os_error().to_string(),
         })
+    }
+}
+
+fn program_mut<'a, P>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut P, ActivityError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(ActivityError::MissingProgram { name })?
+        .try_into()
+        .map_err(|e| program_error(name, "loading", e))
+}
+
+fn program_error(
+    name: &'static str,
+    action: &'static str,
+    err: aya::programs::ProgramError,
+) -> ActivityError {
+    ActivityError::classify(format!("{action} BPF program `{name}`"), err, |source| {
+        ActivityError::Program {
+            name,
+            action,
+            source,
+        }
+    })
+}
+
+/// The kernel side's log level, following the userspace logger's: debug records in the
+/// kernel cost a ring-buffer write each, so they are off unless asked for.
+fn kernel_log_level() -> u8 {
+    match log::max_level() {
+        log::LevelFilter::Off => 0,
+        log::LevelFilter::Error => 1,
+        log::LevelFilter::Warn => 2,
+        log::LevelFilter::Info => 3,
+        log::LevelFilter::Debug => 4,
+        log::LevelFilter::Trace => 5,
     }
 }

@@ -10,7 +10,6 @@ use std::{
     },
 };
 
-use aya::Ebpf;
 use lull_common::SlotRef;
 
 use super::{
@@ -361,43 +360,3 @@ impl ActivitySource for ActivityTable {
 /// stamp may be one jiffy older than the packet that last moved it. 10 ms is a jiffy at
 /// HZ=100, the coarsest setting kernels ship with.
 pub const RESOLUTION_NS: u64 = 10_000_000;
-
-pub(crate) fn program_mut<'a, P>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<&'a mut P, ActivityError>
-where
-    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
-{
-    ebpf.program_mut(name)
-        .ok_or(ActivityError::MissingProgram { name })?
-        .try_into()
-        .map_err(|e| program_error(name, "loading", e))
-}
-
-pub(crate) fn program_error(
-    name: &'static str,
-    action: &'static str,
-    err: aya::programs::ProgramError,
-) -> ActivityError {
-    ActivityError::classify(format!("{action} BPF program `{name}`"), err, |source| {
-        ActivityError::Program {
-            name,
-            action,
-            source,
-        }
-    })
-}
-
-/// The kernel side's log level, following the userspace logger's: debug records in the
-/// kernel cost a ring-buffer write each, so they are off unless asked for.
-pub(crate) fn kernel_log_level() -> u8 {
-    match log::max_level() {
-        log::LevelFilter::Off => 0,
-        log::LevelFilter::Error => 1,
-        log::LevelFilter::Warn => 2,
-        log::LevelFilter::Info => 3,
-        log::LevelFilter::Debug => 4,
-        log::LevelFilter::Trace => 5,
-    }
-}
