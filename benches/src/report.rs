@@ -25,6 +25,10 @@ pub struct BenchReport {
     /// Data for charts: `cargo xtask bench` draws one SVG per distinct `chart`.
     #[serde(default)]
     pub series: Vec<Series>,
+    /// The headline figures as plain numbers, under the keys the issues name, for tools to
+    /// read without parsing tables (absent for benchmarks that define none).
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub figures: serde_json::Value,
 }
 
 /// One line of a chart.

@@ -13,9 +13,16 @@ pub const ACTIVITY_MAP: &str = "LULL_ACTIVITY";
 pub const INGRESS_PROG: &str = "lull_ingress";
 /// Name of the `sock_ops` program: turns state changes into close flags.
 pub const SOCK_OPS_PROG: &str = "lull_sock_ops";
-/// Name of a `cgroup_skb/ingress` program that does nothing: the hook's own cost, which the
-/// `ebpf-overhead` benchmark measures as the floor lull's program is compared against.
-pub const EMPTY_INGRESS_PROG: &str = "lull_empty_ingress";
+/// The cost ladder: `cgroup_skb/ingress` programs that each add one step of lull's per-packet
+/// work (see the BPF crate's `ladder` module), cheapest first. lull never attaches them; the
+/// `ebpf-overhead` benchmark does, to say what each step costs. The first does nothing: the
+/// hook's own cost, the floor lull's program is compared against.
+pub const LADDER_PROGS: [&str; 4] = [
+    "lull_empty_ingress",
+    "lull_step_lookup",
+    "lull_step_parse",
+    "lull_step_stamp",
+];
 
 /// Read-only global: the byte offset of `struct sock::sk_err` in this kernel (0: unknown, and
 /// the program does not read it). Set by userspace from the kernel's BTF at load time.

@@ -20,7 +20,7 @@ use aya_log_ebpf::debug;
 use lull_common::{ActivityEntry, DEFAULT_TABLE_ENTRIES, SlotRef, flags};
 
 /// Returned by `cgroup_skb` programs to let the packet through. lull only observes.
-const PASS: i32 = 1;
+pub(crate) const PASS: i32 = 1;
 /// Returned by `sock_ops` programs: the callback's own result does not matter to lull.
 const SOCK_OPS_OK: u32 = 1;
 
@@ -64,11 +64,6 @@ pub fn lull_ingress(ctx: SkBuffContext) -> i32 {
     match try_lull_ingress(&ctx) {
         Ok(()) | Err(()) => PASS,
     }
-}
-
-#[cgroup_skb]
-pub fn lull_empty_ingress(_ctx: SkBuffContext) -> i32 {
-    PASS
 }
 
 #[sock_ops]
@@ -256,7 +251,7 @@ fn close_cause(sk: *mut core::ffi::c_void, old: u32) -> u32 {
 
 /// The socket's [`SlotRef`], if userspace registered it.
 #[inline(always)]
-fn slot_ref(sk: *mut core::ffi::c_void) -> Option<*mut SlotRef> {
+pub(crate) fn slot_ref(sk: *mut core::ffi::c_void) -> Option<*mut SlotRef> {
     // SAFETY: the map pointer is the BTF map definition the loader relocates; `sk` is a
     // non-null socket from the context. The helper returns NULL when the socket is not a full
     // socket or has no storage in this map.
@@ -275,7 +270,7 @@ fn slot_ref(sk: *mut core::ffi::c_void) -> Option<*mut SlotRef> {
 /// The table row of a registered socket, with its state word as loaded once, or `None` if the
 /// slot has since been freed or handed to another registration (its generation says so).
 #[inline(always)]
-fn registered_entry(st: *mut SlotRef) -> Option<(*mut ActivityEntry, u64)> {
+pub(crate) fn registered_entry(st: *mut SlotRef) -> Option<(*mut ActivityEntry, u64)> {
     // SAFETY: `st` is a socket's storage, valid for the whole program run.
     let SlotRef {
         slot, generation, ..
@@ -320,15 +315,15 @@ fn global(value: &'static u32) -> u32 {
 /// What the ingress program needs from a TCP segment, read in place. `cgroup_skb` sees the
 /// packet from its network header, and only registered sockets get here, which are TCP by
 /// construction.
-struct Segment {
-    ack: u32,
-    flags: u8,
-    payload: u32,
+pub(crate) struct Segment {
+    pub(crate) ack: u32,
+    pub(crate) flags: u8,
+    pub(crate) payload: u32,
 }
 
 impl Segment {
     #[inline(always)]
-    fn parse(skb: *mut __sk_buff) -> Option<Self> {
+    pub(crate) fn parse(skb: *mut __sk_buff) -> Option<Self> {
         // SAFETY: context fields; the verifier rewrites them to the packet's bounds, and every
         // read below is checked against `end` first, as the verifier demands.
         let (data, end, len) =

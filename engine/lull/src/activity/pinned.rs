@@ -318,6 +318,11 @@ impl PinnedObject {
         }
     }
 
+    /// This build's pin directory.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Where extent leases of this build's table live.
     pub(crate) fn extents_dir(&self) -> PathBuf {
         self.users.extents_dir()
@@ -511,10 +516,7 @@ pub(crate) fn ensure_bpffs() -> Result<(), ActivityError> {
     }
 }
 
-fn program_mut<'a, P>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<&'a mut P, ActivityError>
+fn program_mut<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, ActivityError>
 where
     &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {

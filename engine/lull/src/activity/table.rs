@@ -259,6 +259,12 @@ impl ActivityTable {
         self.watched.iter().map(|l| l.link_id).collect()
     }
 
+    /// Where lull's programs and maps are pinned (for tools that load other programs of the
+    /// same object against the same maps, such as the `ebpf-overhead` benchmark).
+    pub fn pin_dir(&self) -> std::path::PathBuf {
+        self.pinned().dir().to_path_buf()
+    }
+
     /// The kernel ids of lull's pinned programs (ingress, sock_ops), for `bpftool prog show`.
     pub fn program_ids(&self) -> [Option<u32>; 2] {
         self.pinned().program_ids()
