@@ -9,6 +9,9 @@
 pub const SLOTS_MAP: &str = "LULL_SLOTS";
 /// Name of the `BPF_F_MMAPABLE` array of [`ActivityEntry`], indexed by slot.
 pub const ACTIVITY_MAP: &str = "LULL_ACTIVITY";
+/// Name of the `BPF_F_MMAPABLE` array of close notices: per extent of [`EXTENT_ROWS`] rows,
+/// [`NOTICE_WORDS_PER_EXTENT`] words (see [`notice_words`]).
+pub const NOTICES_MAP: &str = "LULL_NOTICES";
 /// Name of the `cgroup_skb/ingress` program: stamps received payload and acknowledged sends.
 pub const INGRESS_PROG: &str = "lull_ingress";
 /// Name of the `sock_ops` program: turns state changes into close flags.
@@ -30,6 +33,23 @@ pub const SK_ERR_OFFSET_GLOBAL: &str = "LULL_SK_ERR_OFFSET";
 /// Read-only global: the byte offset of `struct inet_connection_sock::icsk_probes_out`
 /// (0: unknown).
 pub const PROBES_OUT_OFFSET_GLOBAL: &str = "LULL_PROBES_OUT_OFFSET";
+
+/// Rows of the activity table leased together: one process's share of the table grows by this
+/// many rows at a time, and close notices are summarised per extent.
+pub const EXTENT_ROWS: u32 = 4096;
+/// Words of [`NOTICES_MAP`] per extent: a summary word (bit `w` set: leaf word `w` has news),
+/// then 64 leaf words (bit `b` of leaf `w`: row `64 w + b` of the extent closed).
+pub const NOTICE_WORDS_PER_EXTENT: u32 = 1 + EXTENT_ROWS / 64;
+
+/// Where the close notice of row `row` goes: (summary word index, leaf word index, bit in
+/// both: the leaf word's number in the summary, the row's in the leaf).
+#[inline(always)]
+pub const fn notice_words(row: u32) -> (u32, u32, u32, u32) {
+    let extent = row / EXTENT_ROWS;
+    let within = row % EXTENT_ROWS;
+    let base = extent * NOTICE_WORDS_PER_EXTENT;
+    (base, base + 1 + within / 64, within / 64, within % 64)
+}
 
 /// `max_entries` of [`ACTIVITY_MAP`] in the object file. Userspace overrides it at load time
 /// with the engine's capacity, so this only has to be a valid placeholder.

@@ -60,7 +60,7 @@ pub fn lull_step_stamp(ctx: SkBuffContext) -> i32 {
     let Some(seg) = Segment::parse(skb) else {
         return PASS;
     };
-    if let Some((entry, _)) = registered_entry(st) {
+    if let Some((entry, _, _)) = registered_entry(st) {
         // SAFETY: the helper takes no arguments and cannot fail.
         let now = unsafe { bpf_ktime_get_ns() };
         // SAFETY: `entry` points into the array map's value area for the whole program run;

@@ -17,7 +17,9 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
-use lull_common::{ActivityEntry, DEFAULT_TABLE_ENTRIES, SlotRef, flags};
+use lull_common::{
+    ActivityEntry, DEFAULT_TABLE_ENTRIES, NOTICE_WORDS_PER_EXTENT, SlotRef, flags, notice_words,
+};
 
 /// Returned by `cgroup_skb` programs to let the packet through. lull only observes.
 pub(crate) const PASS: i32 = 1;
@@ -47,6 +49,19 @@ static LULL_SLOTS: SkStorage<SlotRef> = SkStorage::new();
 static LULL_ACTIVITY: Array<
     ActivityEntry,
     { DEFAULT_TABLE_ENTRIES as usize },
+    { BPF_F_MMAPABLE as usize },
+> = Array::new();
+
+/// Close notices: a bit per row, and a summary bit per 64 rows, so that an engine finds the
+/// connections that closed without a system call and without scanning its rows (see
+/// `lull_common::notice_words`). Userspace sizes it to match the table at load time.
+#[btf_map]
+static LULL_NOTICES: Array<
+    u64,
+    {
+        (DEFAULT_TABLE_ENTRIES / lull_common::EXTENT_ROWS + 1) as usize
+            * NOTICE_WORDS_PER_EXTENT as usize
+    },
     { BPF_F_MMAPABLE as usize },
 > = Array::new();
 
@@ -110,10 +125,9 @@ fn try_lull_ingress(ctx: &SkBuffContext) -> Result<(), ()> {
     if bits == 0 && !stamp_rx && !stamp_tx {
         return Ok(());
     }
-    let Some(entry) = registered_entry(st) else {
+    let Some((entry, state, row)) = registered_entry(st) else {
         return Ok(());
     };
-    let (entry, state) = entry;
     if stamp_rx || stamp_tx {
         // SAFETY: the helper takes no arguments and cannot fail.
         let now_ns = unsafe { bpf_ktime_get_ns() };
@@ -131,7 +145,7 @@ fn try_lull_ingress(ctx: &SkBuffContext) -> Result<(), ()> {
             }
         }
     }
-    set_flags(entry, state, bits);
+    set_flags(entry, state, row, bits);
     Ok(())
 }
 
@@ -184,7 +198,7 @@ fn try_lull_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
             let Some(st) = slot_ref(sk.cast()) else {
                 return Ok(());
             };
-            let Some((entry, state)) = registered_entry(st) else {
+            let Some((entry, state, row)) = registered_entry(st) else {
                 return Ok(());
             };
             let bits = match new {
@@ -194,7 +208,7 @@ fn try_lull_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
                 TCP_CLOSE => flags::STATE_CLOSE | close_cause(sk.cast(), old),
                 _ => 0,
             };
-            set_flags(entry, state, bits);
+            set_flags(entry, state, row, bits);
             if new == TCP_CLOSE {
                 // SAFETY: `st` is this socket's storage, valid for the whole program run.
                 let slot = unsafe { (*st).slot };
@@ -270,7 +284,7 @@ pub(crate) fn slot_ref(sk: *mut core::ffi::c_void) -> Option<*mut SlotRef> {
 /// The table row of a registered socket, with its state word as loaded once, or `None` if the
 /// slot has since been freed or handed to another registration (its generation says so).
 #[inline(always)]
-pub(crate) fn registered_entry(st: *mut SlotRef) -> Option<(*mut ActivityEntry, u64)> {
+pub(crate) fn registered_entry(st: *mut SlotRef) -> Option<(*mut ActivityEntry, u64, u32)> {
     // SAFETY: `st` is a socket's storage, valid for the whole program run.
     let SlotRef {
         slot, generation, ..
@@ -282,15 +296,17 @@ pub(crate) fn registered_entry(st: *mut SlotRef) -> Option<(*mut ActivityEntry, 
     // must judge the same value.
     // SAFETY: `entry` is a valid array value pointer for the whole program run.
     let state = unsafe { ptr::addr_of!((*entry).state).read_volatile() };
-    (ActivityEntry::generation_of(state) == generation).then_some((entry, state))
+    (ActivityEntry::generation_of(state) == generation).then_some((entry, state, slot))
 }
 
-/// Sets `bits` in the row's flags with one atomic OR, unless `state` (the word as loaded by
+/// Sets `bits` in row `row`'s flags with one atomic OR, unless `state` (the word as loaded by
 /// [`registered_entry`]) already has them all: an OR dirties the cache line the engine reads,
-/// and rx of one socket may run on two CPUs at once.
+/// and rx of one socket may run on two CPUs at once. A close bit that is new also posts a
+/// notice, after the flags, so the engine that finds the notice finds the flags.
 #[inline(always)]
-fn set_flags(entry: *mut ActivityEntry, state: u64, bits: u32) {
-    if bits == 0 || ActivityEntry::flags_of(state) & bits == bits {
+fn set_flags(entry: *mut ActivityEntry, state: u64, row: u32, bits: u32) {
+    let new = bits & !ActivityEntry::flags_of(state);
+    if new == 0 {
         return;
     }
     // The BPF target does not advertise read-modify-write atomics to Rust (its baseline CPU
@@ -302,6 +318,24 @@ fn set_flags(entry: *mut ActivityEntry, state: u64, bits: u32) {
             ptr::addr_of_mut!((*entry).state),
             u64::from(bits),
         );
+    }
+    if new & flags::CLOSED_MASK != 0 {
+        post_notice(row);
+    }
+}
+
+/// Tells the engine that owns `row` that its connection closed.
+#[inline(always)]
+fn post_notice(row: u32) {
+    let (summary, leaf, leaf_bit, row_bit) = notice_words(row);
+    for (index, bit) in [(leaf, row_bit), (summary, leaf_bit)] {
+        if let Some(word) = LULL_NOTICES.get_ptr_mut(index) {
+            // SAFETY: a valid, aligned u64 of the array's value area for the whole run; the
+            // OR is atomic because another CPU may post a notice in the same word.
+            unsafe {
+                atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(word, 1u64 << bit);
+            }
+        }
     }
 }
 

@@ -24,6 +24,6 @@ pub mod wheel;
 pub use policy::{ActivityMode, Mode, OnDead, Policy, PolicyError, Probe};
 pub use probe::{Payload, PayloadError};
 pub use runtime::{
-    CloseReason, ConnId, ConnStats, Engine, EngineBuilder, EngineError, EngineGroup, EngineStats,
-    Event, GroupBuilder, SourceChoice, VirtualConn, WatchError, Watched,
+    CloseReason, ConnId, ConnStats, DeadTier, Engine, EngineBuilder, EngineError, EngineGroup,
+    EngineStats, Event, GroupBuilder, SourceChoice, VirtualConn, WatchError, Watched,
 };

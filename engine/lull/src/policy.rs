@@ -98,6 +98,24 @@ pub enum PolicyError {
     /// Kernel probes cannot keep a connection warm: they only go out after `idle`.
     #[error("kernel probes only support detect-dead mode")]
     KernelKeepWarm,
+    /// `hung_after` is shorter than the dead bound: the application tier would probe before
+    /// the transport tier could have answered for the connection.
+    #[error(
+        "hung_after ({hung_after:?}) must be at least the dead bound, idle + count x interval \
+         ({bound:?})"
+    )]
+    HungBeforeDead {
+        /// `hung_after`.
+        hung_after: Duration,
+        /// `idle + count * interval`.
+        bound: Duration,
+    },
+    /// `hung_after` needs a probe the application answers; kernel probes only reach its kernel.
+    #[error("hung_after needs a probe the application answers; probe = kernel cannot be tiered")]
+    HungWithKernelProbe,
+    /// `hung_after` finds hung applications; keep-warm mode reports no deaths.
+    #[error("hung_after only applies to detect-dead mode, not keep-warm")]
+    HungKeepWarm,
     /// A duration does not fit the engine's clock (over ~500 years).
     #[error("{field} is too large")]
     TooLarge {
@@ -118,8 +136,10 @@ pub struct Policy {
     pub interval: Duration,
     /// Unanswered probes after which the peer is dead.
     pub count: u32,
-    /// Fraction of `idle` (0.0 to 0.5) by which each arm is brought forward at random, so that
-    /// connections registered together do not probe together.
+    /// Width of the window, as a fraction of `idle` (0.0 to 0.5), in which each idle timer
+    /// fires at random: from `idle * (1 - jitter/2)` to `idle * (1 + jitter/2)` of silence, so
+    /// that connections registered together do not probe together, while on average they
+    /// probe exactly every `idle`.
     pub jitter: f64,
     /// Dead-peer detection or keep-warm.
     pub mode: Mode,
@@ -136,6 +156,19 @@ pub struct Policy {
     /// for connections that nobody else reads (lull itself keeping a server's connections
     /// open); an application that reads its own socket must leave this off.
     pub drain: bool,
+    /// Tiered probing: find dead peers fast and hung applications more slowly, at close to
+    /// kernel keepalive's cost.
+    ///
+    /// When set, the peer's transport is left to the kernel's keepalive, armed on the socket
+    /// with `idle`, `interval` and `count` (and `TCP_USER_TIMEOUT` at `idle + count *
+    /// interval`), whose probes do not wake the peer's application; its verdict is reported as
+    /// [`DeadTier::Transport`](crate::DeadTier). An application-level probe goes out only
+    /// to a connection that received nothing for `hung_after` less `count` intervals, so that
+    /// a peer whose kernel answers but whose application is hung is reported
+    /// ([`DeadTier::Application`](crate::DeadTier)) once `hung_after` has passed. It must be
+    /// at least the dead bound, `idle + count * interval`, and needs a probe the application
+    /// answers (not [`Probe::Kernel`]).
+    pub hung_after: Option<Duration>,
 }
 
 impl Default for Policy {
@@ -151,6 +184,7 @@ impl Default for Policy {
             probe: Probe::Bytes(Payload::redis_ping()),
             min_probe_spacing: Duration::ZERO,
             drain: false,
+            hung_after: None,
         }
     }
 }
@@ -206,6 +240,12 @@ impl Policy {
         self
     }
 
+    /// Turns on tiered probing (see [`Policy::hung_after`]).
+    pub fn with_hung_after(mut self, hung_after: Duration) -> Self {
+        self.hung_after = Some(hung_after);
+        self
+    }
+
     /// Sets whether the engine drains (reads and discards) what the peer sends.
     pub fn with_drain(mut self, drain: bool) -> Self {
         self.drain = drain;
@@ -231,6 +271,7 @@ impl Policy {
             ("idle", self.idle),
             ("interval", self.interval),
             ("min_probe_spacing", self.min_probe_spacing),
+            ("hung_after", self.hung_after.unwrap_or_default()),
         ] {
             if d > LIMIT {
                 return Err(PolicyError::TooLarge { field });
@@ -248,6 +289,25 @@ impl Policy {
                 interval: self.interval,
             });
         }
+        if let Some(hung_after) = self.hung_after {
+            if self.probe == Probe::Kernel {
+                return Err(PolicyError::HungWithKernelProbe);
+            }
+            if self.mode == Mode::KeepWarm {
+                return Err(PolicyError::HungKeepWarm);
+            }
+            let bound = self.transport_bound();
+            if hung_after < bound {
+                return Err(PolicyError::HungBeforeDead { hung_after, bound });
+            }
+            // The kernel's keepalive counts in whole seconds.
+            if self.idle < Duration::from_secs(1) || self.interval < Duration::from_secs(1) {
+                return Err(PolicyError::KernelGranularity {
+                    idle: self.idle,
+                    interval: self.interval,
+                });
+            }
+        }
         if self.probe == Probe::Kernel {
             if self.mode == Mode::KeepWarm {
                 return Err(PolicyError::KernelKeepWarm);
@@ -262,9 +322,43 @@ impl Policy {
         Ok(())
     }
 
-    /// The longest a dead peer can go unreported: `idle + count * interval`.
+    /// The longest a dead peer can go unreported.
+    ///
+    /// With lull's own probes, `idle * (1 + jitter / 2) + count * interval`: the first probe
+    /// goes out at the latest at the far edge of the jitter window. With kernel probes, and
+    /// for the transport tier of a tiered policy, `idle + count * interval`: the kernel does
+    /// not jitter.
     pub fn detection_bound(&self) -> Duration {
+        if self.probe == Probe::Kernel || self.hung_after.is_some() {
+            self.transport_bound()
+        } else {
+            self.idle.mul_f64(1.0 + self.jitter / 2.0) + self.interval * self.count
+        }
+    }
+
+    /// The longest a hung application (its kernel still answering) can go unreported:
+    /// `hung_after` for a tiered policy, the [detection bound](Policy::detection_bound)
+    /// otherwise.
+    pub fn hung_bound(&self) -> Duration {
+        self.hung_after.unwrap_or_else(|| self.detection_bound())
+    }
+
+    /// `idle + count * interval`: when the kernel's keepalive gives up on a silent peer.
+    pub fn transport_bound(&self) -> Duration {
         self.idle + self.interval * self.count
+    }
+
+    /// How often, on average, an idle connection whose peer answers is probed: once per
+    /// `idle` (the jitter window is centred on it), and for a tiered policy once per
+    /// application-tier period (`hung_after` less `count` intervals, less half the window).
+    pub fn nominal_probe_period(&self) -> Duration {
+        match self.hung_after {
+            Some(hung_after) => {
+                let span = hung_after.saturating_sub(self.interval * self.count);
+                span.mul_f64(1.0 - self.jitter / 2.0)
+            }
+            None => self.idle,
+        }
     }
 }
 
@@ -360,7 +454,78 @@ mod tests {
     }
 
     #[test]
-    fn detection_bound_is_idle_plus_count_intervals() {
-        assert_eq!(Policy::detect_dead(s(30), s(5), 3).detection_bound(), s(45));
+    fn bounds_follow_the_jitter_window_and_the_tiers() {
+        let p = Policy::detect_dead(s(30), s(5), 3);
+        let cases = [
+            (
+                "lull's probes: the far edge of the window",
+                p.clone(),
+                s(46) + Duration::from_millis(500),
+                s(46) + Duration::from_millis(500),
+                s(30),
+            ),
+            ("no jitter", p.clone().with_jitter(0.0), s(45), s(45), s(30)),
+            (
+                "kernel probes do not jitter",
+                p.clone().with_probe(Probe::Kernel),
+                s(45),
+                s(45),
+                s(30),
+            ),
+            (
+                "tiered",
+                p.clone().with_hung_after(s(180)),
+                s(45),
+                s(180),
+                Duration::from_millis(156_750),
+            ),
+        ];
+        for (name, policy, dead, hung, period) in cases {
+            assert_eq!(policy.detection_bound(), dead, "{name}: dead bound");
+            assert_eq!(policy.hung_bound(), hung, "{name}: hung bound");
+            assert_eq!(policy.nominal_probe_period(), period, "{name}: period");
+        }
+    }
+
+    #[test]
+    fn tiered_policies_name_both_settings_when_they_clash() {
+        let p = Policy::detect_dead(s(30), s(5), 3);
+        let cases = [
+            (
+                p.clone().with_hung_after(s(44)),
+                Err(PolicyError::HungBeforeDead {
+                    hung_after: s(44),
+                    bound: s(45),
+                }),
+            ),
+            (p.clone().with_hung_after(s(45)), Ok(())),
+            (
+                p.clone().with_hung_after(s(60)).with_probe(Probe::Kernel),
+                Err(PolicyError::HungWithKernelProbe),
+            ),
+            (
+                Policy::keep_warm(s(25)).with_hung_after(s(60)),
+                Err(PolicyError::HungKeepWarm),
+            ),
+            (
+                Policy::detect_dead(Duration::from_millis(500), s(1), 3).with_hung_after(s(60)),
+                Err(PolicyError::KernelGranularity {
+                    idle: Duration::from_millis(500),
+                    interval: s(1),
+                }),
+            ),
+        ];
+        for (policy, want) in cases {
+            assert_eq!(policy.validate(), want, "{policy:?}");
+        }
+        let text = PolicyError::HungBeforeDead {
+            hung_after: s(44),
+            bound: s(45),
+        }
+        .to_string();
+        assert!(
+            text.contains("hung_after") && text.contains("idle + count x interval"),
+            "{text}"
+        );
     }
 }

@@ -139,7 +139,7 @@ pub(crate) fn enable_kernel_keepalive(
     named(
         "setsockopt(TCP_USER_TIMEOUT)",
         fd,
-        socket.set_tcp_user_timeout(Some(policy.detection_bound().min(most))),
+        socket.set_tcp_user_timeout(Some(policy.transport_bound().min(most))),
     )
 }
 

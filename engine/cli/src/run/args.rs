@@ -134,6 +134,13 @@ pub struct RunArgs {
     #[serde(default, deserialize_with = "de_duration")]
     pub min_probe_spacing: Option<Duration>,
 
+    /// Tiered probing: leave dead peers to the kernel's keepalive (idle, interval, count) and
+    /// probe only connections that received nothing for this long, to find hung applications.
+    /// At least idle + count x interval; not with --probe kernel [default: off].
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(default, deserialize_with = "de_duration", alias = "hung_after")]
+    pub hung_after: Option<Duration>,
+
     /// Demo: percentage of busy peers (traffic more often than --idle) [default: 5].
     #[arg(long, value_name = "PERCENT")]
     pub busy: Option<f64>,
@@ -224,6 +231,7 @@ impl RunArgs {
             on_dead,
             probe,
             min_probe_spacing,
+            hung_after,
             busy,
             hung,
             closing,

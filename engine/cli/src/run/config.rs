@@ -152,6 +152,7 @@ impl RunConfig {
             },
             probe,
             min_probe_spacing: args.min_probe_spacing.unwrap_or_default(),
+            hung_after: args.hung_after,
             // lull is the only reader of these sockets: replies must not pile up.
             drain: true,
         };
@@ -236,11 +237,15 @@ fn policy_error(e: &PolicyError) -> anyhow::Error {
         PolicyError::Jitter(_) => "--jitter",
         PolicyError::IntervalExceedsIdle { .. } => "--interval",
         PolicyError::SpacingExceedsInterval { .. } => "--min-probe-spacing",
+        PolicyError::HungBeforeDead { .. }
+        | PolicyError::HungWithKernelProbe
+        | PolicyError::HungKeepWarm => "--hung-after",
         PolicyError::KernelGranularity { .. } => "--probe",
         PolicyError::KernelKeepWarm => "--probe",
         PolicyError::TooLarge { field } => match *field {
             "idle" => "--idle",
             "interval" => "--interval",
+            "hung_after" => "--hung-after",
             _ => "--min-probe-spacing",
         },
     };
@@ -299,6 +304,8 @@ mod fuzz {
         "on-dead",
         "probe",
         "min-probe-spacing",
+        "hung-after",
+        "hung_after",
         "busy",
         "hung",
         "closing",

@@ -157,11 +157,17 @@ pub fn run(session: &Session<'_>, target: &Connect) -> Result<Report> {
     while !session.over() {
         for event in session.pump_events(&mut tracker, Duration::from_millis(100)) {
             let lost = match event {
-                Event::Dead { id, after, probes } => {
+                Event::Dead {
+                    id,
+                    after,
+                    probes,
+                    tier,
+                } => {
                     tracing::warn!(
-                        "connection {id} to {} is dead: silent for {after:.1?}, {probes} probes \
-                         unanswered",
-                        target.target
+                        "connection {id} to {} is dead ({} tier): silent for {after:.1?}, \
+                         {probes} probes unanswered",
+                        target.target,
+                        tier.name()
                     );
                     Some(id)
                 }

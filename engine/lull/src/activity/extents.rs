@@ -27,8 +27,7 @@ use std::{
 
 use super::{ActivityError, Slot, lock_file::LockFile};
 
-/// Rows per extent (96 KiB of table).
-pub const EXTENT_ROWS: u32 = 4096;
+pub use lull_common::EXTENT_ROWS;
 /// Bits of a slot's generation kept in the row's generation; the rest hold the lease's epoch.
 const GENERATION_BITS: u32 = 20;
 const EPOCHS: u32 = (1 << (32 - GENERATION_BITS)) - 1;
@@ -84,8 +83,13 @@ impl RowExtents {
         })
     }
 
-    /// Where `slot` lives, leasing an extent for its block first if it has none.
-    pub(crate) fn place(&self, slot: Slot) -> Result<Placement, ActivityError> {
+    /// Where `slot` lives, leasing an extent for its block first if it has none (and telling
+    /// `leased` which, before the block points at it).
+    pub(crate) fn place(
+        &self,
+        slot: Slot,
+        leased: impl FnOnce(u32),
+    ) -> Result<Placement, ActivityError> {
         if let Some(placed) = self.placement(slot) {
             return Ok(placed);
         }
@@ -99,6 +103,7 @@ impl RowExtents {
         // Another engine of this table may have leased it while we waited for the lock.
         if block.load(Ordering::Acquire) == 0 {
             let (extent, epoch, lock) = self.lease()?;
+            leased(extent);
             leases.push(lock);
             block.store(
                 u64::from(extent + 1) | (u64::from(epoch) << 32),
@@ -128,6 +133,17 @@ impl RowExtents {
         })
     }
 
+    /// Each leased extent whose block lies in `indices`, with the first slot index of the block.
+    pub(crate) fn leased_in(&self, indices: std::ops::Range<u32>, mut f: impl FnMut(u32, u32)) {
+        let first = (indices.start / EXTENT_ROWS) as usize;
+        let end = (indices.end.div_ceil(EXTENT_ROWS) as usize).min(self.blocks.len());
+        for (block, word) in self.blocks.iter().enumerate().take(end).skip(first) {
+            if let Some(extent) = (word.load(Ordering::Acquire) as u32).checked_sub(1) {
+                f(block as u32 * EXTENT_ROWS, extent);
+            }
+        }
+    }
+
     /// The rows this table has leased, for leak checks.
     pub(crate) fn leased_rows(&self) -> Vec<std::ops::Range<u32>> {
         self.blocks
@@ -146,28 +162,34 @@ mod tests {
         Slot { index, generation }
     }
 
+    impl RowExtents {
+        fn place_(&self, slot: Slot) -> Result<Placement, ActivityError> {
+            self.place(slot, |_| {})
+        }
+    }
+
     #[test]
     fn blocks_lease_distinct_extents_with_new_epochs() {
         let dir = std::env::temp_dir().join(format!("lull-extents-test-{}", std::process::id()));
         let a = RowExtents::new(dir.clone(), 3 * EXTENT_ROWS, 2 * EXTENT_ROWS);
         let b = RowExtents::new(dir.clone(), 3 * EXTENT_ROWS, EXTENT_ROWS);
         assert_eq!(a.placement(slot(5, 1)), None, "nothing leased yet");
-        let a0 = a.place(slot(5, 1)).unwrap();
-        let a1 = a.place(slot(EXTENT_ROWS + 5, 1)).unwrap();
-        let b0 = b.place(slot(5, 1)).unwrap();
+        let a0 = a.place_(slot(5, 1)).unwrap();
+        let a1 = a.place_(slot(EXTENT_ROWS + 5, 1)).unwrap();
+        let b0 = b.place_(slot(5, 1)).unwrap();
         let rows = [a0.row, a1.row, b0.row];
         assert_eq!(rows, [5, EXTENT_ROWS + 5, 2 * EXTENT_ROWS + 5]);
         // Same block, same extent; a generation keeps its low bits.
-        assert_eq!(a.place(slot(7, 3)).unwrap().row, 7);
+        assert_eq!(a.place_(slot(7, 3)).unwrap().row, 7);
         assert_eq!(a0.generation & 0xfffff, 1);
         assert!(matches!(
-            RowExtents::new(dir.clone(), 3 * EXTENT_ROWS, EXTENT_ROWS).place(slot(0, 1)),
+            RowExtents::new(dir.clone(), 3 * EXTENT_ROWS, EXTENT_ROWS).place_(slot(0, 1)),
             Err(ActivityError::TableFull { .. })
         ));
         // b's extent is free again once b is gone, and its next lease has a new epoch.
         drop(b);
         let c = RowExtents::new(dir.clone(), 3 * EXTENT_ROWS, EXTENT_ROWS);
-        let c0 = c.place(slot(5, 1)).unwrap();
+        let c0 = c.place_(slot(5, 1)).unwrap();
         assert_eq!(c0.row, b0.row);
         assert_ne!(c0.generation, b0.generation, "a new lease, a new epoch");
         assert_eq!(a.leased_rows().len(), 2);

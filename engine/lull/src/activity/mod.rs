@@ -15,6 +15,8 @@ mod host_users;
 pub mod kernel_btf;
 mod link_health;
 mod lock_file;
+mod mapping;
+mod notices;
 mod pinned;
 mod rows;
 mod sim;
@@ -124,6 +126,18 @@ pub trait ActivitySource: Send + Sync + 'static {
     fn activity_from_tcp_info(&self, _info: &libc::tcp_info, _now_ns: u64) -> Option<Activity> {
         None
     }
+
+    /// Whether the source reports the kernel's timeouts itself (the [`flags::TIMED_OUT`] bit),
+    /// with a prompt [notice](ActivitySource::take_notices) of the close. When it does not,
+    /// the engine asks the kernel (`TCP_INFO`) at the moments its keepalive could have given up.
+    fn reports_timeouts(&self) -> bool {
+        false
+    }
+
+    /// Adds to `closed` the slot indices in `indices` whose connections closed since the last
+    /// call (each once), for sources that can tell without a system call. The engine calls it
+    /// every turn and looks at those connections at once, rather than at their next timer.
+    fn take_notices(&self, _indices: std::ops::Range<u32>, _closed: &mut Vec<u32>) {}
 
     /// Starts loading what `read` will need for `slot` into the cache. The engine calls it for
     /// a batch of expired timers before reading any of them, so the cache misses overlap.

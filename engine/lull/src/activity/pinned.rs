@@ -44,8 +44,8 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use lull_common::{
-    ACTIVITY_MAP, ActivityEntry, INGRESS_PROG, PROBES_OUT_OFFSET_GLOBAL, SK_ERR_OFFSET_GLOBAL,
-    SLOTS_MAP, SOCK_OPS_PROG, SlotRef,
+    ACTIVITY_MAP, ActivityEntry, INGRESS_PROG, NOTICES_MAP, PROBES_OUT_OFFSET_GLOBAL,
+    SK_ERR_OFFSET_GLOBAL, SLOTS_MAP, SOCK_OPS_PROG, SlotRef,
 };
 
 use super::{
@@ -55,6 +55,7 @@ use super::{
     kernel_btf::{KernelBtf, SockOffsets},
     link_health::WatchedLink,
     lock_file::RUN_DIR,
+    notices::Notices,
 };
 
 /// Where bpffs is mounted on every distribution lull knows.
@@ -81,6 +82,7 @@ pub(crate) struct PinnedObject {
     sock_ops: SockOps,
     pub(crate) slots: SkStorage<MapData, SlotRef>,
     pub(crate) activity: MapData,
+    pub(crate) notices: MapData,
     /// Rows in the activity table (fixed when the first user made it).
     pub(crate) rows: u32,
     pub(crate) logger: Option<EbpfLogger<&'static dyn log::Log>>,
@@ -139,6 +141,9 @@ impl PinnedObject {
             });
         }
         let rows = info.max_entries();
+        let notices_path = dir.join(NOTICES_MAP);
+        let notices = MapData::from_pin(&notices_path)
+            .map_err(|e| pin_error("opening", notices_path.clone())(e.into()))?;
         let slots_path = dir.join(SLOTS_MAP);
         let slots: SkStorage<MapData, SlotRef> = MapData::from_pin(&slots_path)
             .map_err(|e| pin_error("opening", slots_path.clone())(e.into()))
@@ -160,6 +165,7 @@ impl PinnedObject {
             sock_ops,
             slots,
             activity,
+            notices,
             rows,
             logger,
             cgroups: Vec::new(),
@@ -369,9 +375,15 @@ impl Drop for PinnedObject {
 
 /// Whether every pin of a build is in place (a user that died while making them leaves some).
 fn complete(dir: &Path) -> bool {
-    ["prog_ingress", "prog_sock_ops", ACTIVITY_MAP, SLOTS_MAP]
-        .iter()
-        .all(|pin| dir.join(pin).exists())
+    [
+        "prog_ingress",
+        "prog_sock_ops",
+        ACTIVITY_MAP,
+        SLOTS_MAP,
+        NOTICES_MAP,
+    ]
+    .iter()
+    .all(|pin| dir.join(pin).exists())
 }
 
 /// Loads the object and pins its programs and maps in `dir`.
@@ -393,6 +405,7 @@ fn make_pins(object: &[u8], rows: u32, dir: &Path) -> Result<(), ActivityError> 
     let level = kernel_log_level();
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(ACTIVITY_MAP, rows)
+        .map_max_entries(NOTICES_MAP, Notices::words_for(rows))
         .override_global(aya_log::LEVEL, &level, false)
         .override_global(SK_ERR_OFFSET_GLOBAL, &offsets.sk_err, true)
         .override_global(PROBES_OUT_OFFSET_GLOBAL, &offsets.probes_out, true)
@@ -421,7 +434,7 @@ fn make_pins(object: &[u8], rows: u32, dir: &Path) -> Result<(), ActivityError> 
     sock_ops
         .pin(dir.join("prog_sock_ops"))
         .map_err(pin(dir.join("prog_sock_ops")))?;
-    for name in [ACTIVITY_MAP, SLOTS_MAP] {
+    for name in [ACTIVITY_MAP, SLOTS_MAP, NOTICES_MAP] {
         ebpf.map(name)
             .ok_or(ActivityError::MissingMap { name })?
             .pin(dir.join(name))

@@ -2,14 +2,14 @@
 
 use std::{
     io,
-    os::fd::{AsRawFd, BorrowedFd},
+    os::fd::BorrowedFd,
     ptr::NonNull,
     sync::atomic::{AtomicU64, Ordering},
 };
 
 use lull_common::ActivityEntry;
 
-use super::{Activity, ActivityError, Slot};
+use super::{Activity, ActivityError, Slot, mapping::SharedMapping};
 
 /// One row, laid out exactly like [`ActivityEntry`] but made of atomics, because the kernel
 /// (or the simulator thread) writes it while the engine reads it.
@@ -88,7 +88,7 @@ impl RowCell {
 /// Where the rows live.
 enum Backing {
     /// The BPF array map, mapped with `mmap(MAP_SHARED)`; unmapped on drop.
-    Mapped { len: usize },
+    Mapped { _mapping: SharedMapping },
     /// Ordinary memory, for the simulated source; `Rows` points into this box.
     Heap { _owner: Box<[RowCell]> },
 }
@@ -97,7 +97,7 @@ enum Backing {
 pub(crate) struct Rows {
     ptr: NonNull<RowCell>,
     capacity: usize,
-    backing: Backing,
+    _backing: Backing,
 }
 
 // SAFETY: every access to the rows goes through atomics, and the mapping (or box) lives until
@@ -110,28 +110,11 @@ unsafe impl Sync for Rows {}
 impl Rows {
     /// Maps the value area of a `BPF_F_MMAPABLE` array map of `capacity` [`ActivityEntry`]s.
     pub(crate) fn map(map_fd: BorrowedFd<'_>, capacity: usize) -> io::Result<Self> {
-        let page = page_size();
-        let len = (capacity * size_of::<RowCell>()).div_ceil(page) * page;
-        // SAFETY: a fresh shared mapping of a map fd; the kernel checks that `len` does not
-        // exceed the map's value area and that the map is mmapable.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                map_fd.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let ptr = NonNull::new(ptr.cast::<RowCell>()).ok_or_else(io::Error::last_os_error)?;
+        let mapping = SharedMapping::map(map_fd, capacity * size_of::<RowCell>())?;
         Ok(Self {
-            ptr,
+            ptr: mapping.as_ptr().cast::<RowCell>(),
             capacity,
-            backing: Backing::Mapped { len },
+            _backing: Backing::Mapped { _mapping: mapping },
         })
     }
 
@@ -151,7 +134,7 @@ impl Rows {
         Self {
             ptr,
             capacity,
-            backing: Backing::Heap { _owner: rows },
+            _backing: Backing::Heap { _owner: rows },
         }
     }
 
@@ -213,21 +196,4 @@ impl Rows {
         // `self` lives, and rows are only accessed through atomics.
         Some(unsafe { &*self.ptr.as_ptr().add(index) })
     }
-}
-
-impl Drop for Rows {
-    fn drop(&mut self) {
-        if let Backing::Mapped { len } = self.backing {
-            // SAFETY: `ptr`/`len` are exactly what `mmap` returned, and no reference into the
-            // rows can outlive `self`.
-            unsafe { libc::munmap(self.ptr.as_ptr().cast(), len) };
-        }
-    }
-}
-
-fn page_size() -> usize {
-    // SAFETY: sysconf takes a name, touches no memory of ours, and returns -1 for a name it
-    // does not know.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    usize::try_from(page).unwrap_or(4096)
 }

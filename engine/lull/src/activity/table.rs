@@ -17,6 +17,7 @@ use super::{
     cgroup::ResolvedCgroup,
     extents::{Placement, RowExtents},
     link_health::WatchedLink,
+    notices::Notices,
     pinned::PinnedObject,
     rows::Rows,
 };
@@ -81,6 +82,7 @@ pub struct ActivityTable {
     // before the leases of their extents, and the pins before the cgroup they attach to.
     watched: Vec<WatchedLink>,
     rows: Rows,
+    notices: Notices,
     extents: RowExtents,
     allocator: SlotAllocator,
     pinned: Mutex<PinnedObject>,
@@ -109,6 +111,12 @@ impl ActivityTable {
                     source,
                 }
             })?;
+        let notices = Notices::map(pinned.notices.fd().as_fd(), pinned.rows).map_err(|source| {
+            ActivityError::Syscall {
+                call: "mmap(LULL_NOTICES)",
+                source,
+            }
+        })?;
         let extents = RowExtents::new(pinned.extents_dir(), pinned.rows, capacity);
         tracing::debug!(
             cgroup = %cgroup.path.display(),
@@ -119,6 +127,7 @@ impl ActivityTable {
         Ok(Self {
             watched,
             rows,
+            notices,
             extents,
             allocator: SlotAllocator::new(0, capacity, Grace::Rcu),
             pinned: Mutex::new(pinned),
@@ -191,7 +200,10 @@ impl ActivityTable {
         slot: Slot,
         baseline_ns: u64,
     ) -> Result<(), ActivityError> {
-        let at = self.extents.place(slot)?;
+        // A previous lessee's notices are not this table's news.
+        let at = self
+            .extents
+            .place(slot, |extent| self.notices.clear(extent))?;
         let row = self.rows.open(row_slot(at), baseline_ns)?;
         let inserted = self
             .pinned()
@@ -350,6 +362,21 @@ impl ActivitySource for ActivityTable {
 
     fn resolution_ns(&self) -> u64 {
         RESOLUTION_NS
+    }
+
+    fn reports_timeouts(&self) -> bool {
+        true
+    }
+
+    fn take_notices(&self, indices: std::ops::Range<u32>, closed: &mut Vec<u32>) {
+        self.extents.leased_in(indices.clone(), |first, extent| {
+            self.notices.take(extent, |offset| {
+                let index = first + offset;
+                if indices.contains(&index) {
+                    closed.push(index);
+                }
+            });
+        });
     }
 
     fn detach_needs_grace(&self) -> bool {

@@ -9,13 +9,15 @@
 
 use std::os::fd::RawFd;
 
+use lull_common::flags;
+
 use crate::{
     activity::Activity,
     policy::{ActivityMode, Mode, OnDead, Policy, Probe},
     wheel::TimerKey,
 };
 
-use super::events::CloseReason;
+use super::events::{CloseReason, DeadTier};
 
 /// The engine thread's record of one connection. 24 bytes: with the wheel entry (24), the
 /// shared slot word (4) and the shared statistics (12), a connection costs 64 bytes of engine
@@ -117,8 +119,16 @@ pub(crate) struct CompiledPolicy {
     pub(crate) idle_ns: u64,
     pub(crate) interval_ns: u64,
     pub(crate) count: u32,
-    /// How much earlier than `idle` an idle arm may fire: the jitter window.
+    /// The jitter window as a fraction of `idle`, in ns.
     pub(crate) jitter_ns: u64,
+    /// Silence after which lull probes: the far edge of an idle arm's window. `idle` plus half
+    /// the window, so the window is centred on `idle`; for a tiered policy, `hung_after` less
+    /// `count` intervals, so that its verdict falls by `hung_after`.
+    pub(crate) probe_after_ns: u64,
+    /// The width of an idle arm's window, ending at `probe_after_ns`.
+    pub(crate) probe_window_ns: u64,
+    /// The transport is left to the kernel's keepalive; lull probes only for hung applications.
+    pub(crate) tiered: bool,
     pub(crate) mode: Mode,
     pub(crate) activity: ActivityMode,
     pub(crate) on_dead: OnDead,
@@ -131,11 +141,23 @@ impl CompiledPolicy {
     pub(crate) fn new(policy: &Policy, payload: u16) -> Self {
         let ns = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         let idle_ns = ns(policy.idle);
+        let interval_ns = ns(policy.interval);
+        let jitter_ns = (idle_ns as f64 * policy.jitter) as u64;
+        let (probe_after_ns, probe_window_ns) = match policy.hung_after {
+            Some(hung) => {
+                let span = ns(hung).saturating_sub(interval_ns * u64::from(policy.count));
+                (span, (span as f64 * policy.jitter) as u64)
+            }
+            None => (idle_ns + jitter_ns / 2, jitter_ns),
+        };
         Self {
             idle_ns,
-            interval_ns: ns(policy.interval),
+            interval_ns,
             count: policy.count,
-            jitter_ns: (idle_ns as f64 * policy.jitter) as u64,
+            jitter_ns,
+            probe_after_ns,
+            probe_window_ns,
+            tiered: policy.hung_after.is_some(),
             mode: policy.mode,
             activity: policy.activity,
             on_dead: policy.on_dead,
@@ -153,14 +175,30 @@ impl CompiledPolicy {
     pub(crate) fn kernel_verdict_ns(&self) -> u64 {
         self.idle_ns + self.interval_ns * u64::from(self.count)
     }
+
+    /// Whether the kernel watches this connection's transport (kernel probes, or the
+    /// transport tier of a tiered policy).
+    pub(crate) fn kernel_watched(&self) -> bool {
+        self.tiered || self.probe == ProbeKind::Kernel
+    }
+
+    /// When a connection last heard from at `last` is due a probe of lull's: a window of
+    /// `probe_window_ns` ending `probe_after_ns` after it.
+    pub(crate) fn idle_arm(&self, last: u64) -> Arm {
+        Arm {
+            at: last + self.probe_after_ns,
+            early: self.probe_window_ns,
+        }
+    }
 }
 
 /// When to fire next: anywhere in `[at - early, at]`.
 ///
-/// Idle arms may fire early by up to the policy's jitter: that slack is what spreads a herd of
-/// connections registered together, and what lets the engine put many arms on the same
-/// coarse tick (see the worker's coalescing). Arms that wait for an answer or count an interval
-/// have no slack: they fire exactly at `at`, so the dead-peer bound never grows.
+/// Idle arms have the policy's jitter as their window, centred on `idle` (so connections probe
+/// once per `idle` on average, no more): that slack is what spreads a herd of connections
+/// registered together, and what lets the engine put many arms on the same coarse tick (see
+/// the worker's coalescing). Arms that wait for an answer or count an interval have no slack:
+/// they fire exactly at `at`, so the dead-peer bound never grows past the window's far edge.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Arm {
     pub(crate) at: u64,
@@ -194,6 +232,7 @@ pub(crate) enum Verdict {
     Dead {
         silent: u64,
         probes: u32,
+        tier: DeadTier,
         next: Option<Arm>,
     },
     /// A dead connection received payload again. Re-arm.
@@ -220,22 +259,32 @@ pub(crate) fn decide(
     resolution: u64,
 ) -> Verdict {
     let answered = a.last_rx_ns != 0 && a.last_rx_ns + resolution >= c.mark();
-    let idle_after = |last: u64| Arm {
-        at: last + p.idle_ns,
-        early: p.jitter_ns,
-    };
     let interval = Arm::exact(base + p.interval_ns);
     match (p.mode, c.phase()) {
         // Closed or acted on already: an inert connection fires only if a new policy asked for
         // a look, and there is nothing to look at (nor a close to report again).
         (_, Phase::Inert) => Verdict::Disarm,
-        // The kernel's verdict needs a `TCP_INFO` snapshot (`decide_kernel`); without one,
-        // look again an interval on.
-        (_, Phase::Kernel) => Verdict::Rearm(Arm::exact(now + p.interval_ns)),
         _ if a.closed() => {
             c.set_phase(Phase::Inert);
-            Verdict::Closed(CloseReason::from_flags(a.flags))
+            if p.kernel_watched() && a.flags & flags::TIMED_OUT != 0 {
+                Verdict::Dead {
+                    silent: now.saturating_sub(a.last_rx_ns),
+                    probes: p.count,
+                    tier: DeadTier::Transport,
+                    next: None,
+                }
+            } else {
+                Verdict::Closed(CloseReason::from_flags(a.flags))
+            }
         }
+        // The kernel probes; a source that reports its timeouts (with a prompt notice of the
+        // close) was read above. This look is only the fallback for a notice that never
+        // came: the kernel's verdict cannot be earlier than its bound after the last activity
+        // the source saw.
+        (_, Phase::Kernel) => Verdict::Rearm(Arm::exact(
+            (a.last_rx_ns.max(a.last_tx_ns) + p.kernel_verdict_ns()).max(now + p.interval_ns)
+                + KERNEL_VERDICT_SLACK_NS,
+        )),
         (Mode::KeepWarm, _) => {
             // Our own probes are tx too, so this is "one probe per interval of tx silence";
             // the mark covers sources whose tx stamp is coarser than a probe.
@@ -245,10 +294,9 @@ pub(crate) fn decide(
             };
             if due.reached(now) {
                 c.set_mark(now);
-                Verdict::Probe(Arm {
-                    at: base + p.interval_ns,
-                    early: due.early,
-                })
+                // Exact from here: an early window on every arm would send more than one probe
+                // per interval on average. The window only spreads the first arm after traffic.
+                Verdict::Probe(interval)
             } else {
                 Verdict::Rearm(due)
             }
@@ -258,7 +306,7 @@ pub(crate) fn decide(
                 ActivityMode::RxOnly => a.last_rx_ns,
                 ActivityMode::RxOrTx => a.last_rx_ns.max(a.last_tx_ns),
             };
-            let due = idle_after(last);
+            let due = p.idle_arm(last);
             if !due.reached(now) {
                 return Verdict::Rearm(due);
             }
@@ -281,7 +329,7 @@ pub(crate) fn decide(
                 });
                 return Verdict::Answered {
                     rtt,
-                    next: idle_after(last),
+                    next: p.idle_arm(last),
                 };
             }
             if c.outstanding() < p.count {
@@ -295,13 +343,14 @@ pub(crate) fn decide(
             Verdict::Dead {
                 silent: now.saturating_sub(a.last_rx_ns),
                 probes,
+                tier: DeadTier::Application,
                 next: Some(interval),
             }
         }
         (Mode::DetectDead, Phase::Dead) => {
             if answered {
                 c.set_phase(Phase::Watching);
-                Verdict::Revived(idle_after(a.last_rx_ns))
+                Verdict::Revived(p.idle_arm(a.last_rx_ns))
             } else {
                 Verdict::Rearm(interval)
             }
@@ -325,8 +374,6 @@ pub(crate) fn decide_kernel(
     info: &libc::tcp_info,
     now: u64,
 ) -> Verdict {
-    use lull_common::flags;
-
     use crate::activity::TcpState;
 
     let state = TcpState::from_raw(info.tcpi_state);
@@ -342,6 +389,7 @@ pub(crate) fn decide_kernel(
         return Verdict::Dead {
             silent: now.saturating_sub(a.last_rx_ns),
             probes: u32::from(info.tcpi_probes).max(p.count),
+            tier: DeadTier::Transport,
             next: None,
         };
     }
@@ -357,6 +405,48 @@ pub(crate) fn decide_kernel(
     Verdict::Rearm(Arm::exact(
         (last + p.kernel_verdict_ns()).max(now) + KERNEL_VERDICT_SLACK_NS,
     ))
+}
+
+/// The decision for a tiered connection whose source cannot report the kernel's timeouts
+/// (`TCP_INFO`): the kernel's verdict first, from the snapshot; then lull's application tier;
+/// and the next look at the kernel's verdict, when that comes before the application tier's
+/// next arm.
+pub(crate) fn decide_tiered(
+    c: &mut ConnState,
+    p: &CompiledPolicy,
+    a: &Activity,
+    info: &libc::tcp_info,
+    (now, base): (u64, u64),
+    resolution: u64,
+) -> Verdict {
+    if c.phase() == Phase::Inert {
+        return Verdict::Disarm;
+    }
+    let mut kernel = *c;
+    let kernel_look = match decide_kernel(&mut kernel, p, a, info, now) {
+        Verdict::Rearm(look) => look,
+        verdict => {
+            *c = kernel;
+            return verdict;
+        }
+    };
+    let sooner = |arm: Arm| {
+        if kernel_look.at < arm.at.saturating_sub(arm.early) {
+            kernel_look
+        } else {
+            arm
+        }
+    };
+    match decide(c, p, a, now, base, resolution) {
+        Verdict::Rearm(arm) => Verdict::Rearm(sooner(arm)),
+        Verdict::Answered { rtt, next } => Verdict::Answered {
+            rtt,
+            next: sooner(next),
+        },
+        Verdict::Revived(arm) => Verdict::Revived(sooner(arm)),
+        // Probes and dead verdicts come back within an interval, which is sooner.
+        verdict => verdict,
+    }
 }
 
 /// How long after the kernel could have given up the engine looks: its keepalive timer runs

@@ -74,6 +74,27 @@ impl CloseReason {
     }
 }
 
+/// Which tier of a policy found a peer dead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DeadTier {
+    /// The peer's transport: the kernel's keepalive (or `TCP_USER_TIMEOUT`) gave up, so the
+    /// peer host is gone or unreachable. Kernel-probed and tiered policies report these.
+    Transport,
+    /// The peer's application: its kernel may still answer, but the application answered none
+    /// of lull's probes. Policies with lull's own probes report these.
+    Application,
+}
+
+impl DeadTier {
+    /// A short lowercase name, as used in reports and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Transport => "transport",
+            Self::Application => "application",
+        }
+    }
+}
+
 /// Something an engine noticed about a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
@@ -85,6 +106,8 @@ pub enum Event {
         after: Duration,
         /// Probes sent without an answer.
         probes: u32,
+        /// Which tier found it dead.
+        tier: DeadTier,
     },
     /// A connection reported dead (with [`OnDead::Report`](crate::OnDead)) received payload
     /// again.
@@ -189,8 +212,20 @@ pub struct EngineStats {
     pub wakeups: u64,
     /// Timer expiries that found traffic since the last arm and only re-armed.
     pub wakeups_rearmed: u64,
+    /// Firings caused by the source noticing a close rather than by a timer (also counted in
+    /// `wakeups`).
+    pub wakeups_noticed: u64,
     /// Dead verdicts.
     pub dead: u64,
+    /// Dead verdicts of the transport tier (the kernel gave up).
+    pub dead_transport: u64,
+    /// Dead verdicts of the application tier (lull's probes went unanswered).
+    pub dead_application: u64,
+    /// Reads submitted to drain what a peer sent (policies with `drain`).
+    pub drains: u64,
+    /// Firings of a draining policy that submitted no read, because nothing had arrived since
+    /// the connection's last probe.
+    pub drains_skipped: u64,
     /// Revivals after a dead verdict.
     pub revived: u64,
     /// Connections found closed.
@@ -220,7 +255,12 @@ impl EngineStats {
         self.probes_deferred += other.probes_deferred;
         self.wakeups += other.wakeups;
         self.wakeups_rearmed += other.wakeups_rearmed;
+        self.wakeups_noticed += other.wakeups_noticed;
         self.dead += other.dead;
+        self.dead_transport += other.dead_transport;
+        self.dead_application += other.dead_application;
+        self.drains += other.drains;
+        self.drains_skipped += other.drains_skipped;
         self.revived += other.revived;
         self.closed += other.closed;
         self.events_dropped += other.events_dropped;
@@ -243,7 +283,12 @@ pub(crate) struct Counters {
     pub(crate) probes_deferred: AtomicU64,
     pub(crate) wakeups: AtomicU64,
     pub(crate) wakeups_rearmed: AtomicU64,
+    pub(crate) wakeups_noticed: AtomicU64,
     pub(crate) dead: AtomicU64,
+    pub(crate) dead_transport: AtomicU64,
+    pub(crate) dead_application: AtomicU64,
+    pub(crate) drains: AtomicU64,
+    pub(crate) drains_skipped: AtomicU64,
     pub(crate) revived: AtomicU64,
     pub(crate) closed: AtomicU64,
     pub(crate) events_dropped: AtomicU64,
@@ -265,7 +310,12 @@ impl Counters {
             probes_deferred: get(&self.probes_deferred),
             wakeups: get(&self.wakeups),
             wakeups_rearmed: get(&self.wakeups_rearmed),
+            wakeups_noticed: get(&self.wakeups_noticed),
             dead: get(&self.dead),
+            dead_transport: get(&self.dead_transport),
+            dead_application: get(&self.dead_application),
+            drains: get(&self.drains),
+            drains_skipped: get(&self.drains_skipped),
             revived: get(&self.revived),
             closed: get(&self.closed),
             events_dropped: get(&self.events_dropped),

@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-pub use events::{CloseReason, ConnId, ConnStats, EngineStats, Event};
+pub use events::{CloseReason, ConnId, ConnStats, DeadTier, EngineStats, Event};
 pub use group::{EngineGroup, GroupBuilder};
 pub use watched::{VirtualConn, WatchError, Watched};
 
@@ -401,7 +401,10 @@ impl Engine {
         if self.thread.as_ref().is_none_or(JoinHandle::is_finished) {
             return Err(WatchError::EngineStopped);
         }
-        if let (Some(fd), Probe::Kernel) = (fd, &policy.probe) {
+        // The kernel watches the transport of kernel-probed and tiered connections.
+        if let Some(fd) =
+            fd.filter(|_| policy.probe == Probe::Kernel || policy.hung_after.is_some())
+        {
             enable_kernel_keepalive(fd, policy)?;
         }
         let policy_id = shared

@@ -73,6 +73,7 @@ struct PolicyKey {
     probe: Probe,
     spacing: Duration,
     drain: bool,
+    hung_after: Option<Duration>,
 }
 
 impl PolicyKey {
@@ -88,6 +89,7 @@ impl PolicyKey {
             probe: p.probe.clone(),
             spacing: p.min_probe_spacing,
             drain: p.drain,
+            hung_after: p.hung_after,
         }
     }
 }

@@ -67,10 +67,14 @@ struct Case {
     after: (Phase, u32),
 }
 
-/// An idle arm: due `idle` after `last`, with the default 10% jitter (3 s) of slack.
+/// An idle arm: its window, the default 10% jitter (3 s) wide, is centred on `idle` after the
+/// last activity, so it ends 31.5 s after it.
 fn idle_arm(at: u64) -> Arm {
     Arm { at, early: 3 * S }
 }
+
+/// 31.5 s: where an idle arm's window ends, after the last activity.
+const IDLE_EDGE: u64 = 31_500 * MS;
 
 /// A keep-warm arm for a 25 s interval: 10% jitter, 2.5 s of slack.
 fn warm_arm(at: u64) -> Arm {
@@ -93,7 +97,7 @@ fn decisions_follow_the_policy() {
             before: (Watching, 0, 0),
             seen: act(100 * S, 0),
             now: 110 * S,
-            want: Verdict::Rearm(idle_arm(130 * S)),
+            want: Verdict::Rearm(idle_arm(100 * S + IDLE_EDGE)),
             after: (Watching, 0),
         },
         Case {
@@ -113,7 +117,7 @@ fn decisions_follow_the_policy() {
             before: (Watching, 0, 0),
             seen: act(100 * S, 129 * S),
             now: 130 * S,
-            want: Verdict::Rearm(idle_arm(159 * S)),
+            want: Verdict::Rearm(idle_arm(129 * S + IDLE_EDGE)),
             after: (Watching, 0),
         },
         Case {
@@ -127,13 +131,13 @@ fn decisions_follow_the_policy() {
             after: (Probing, 1),
         },
         Case {
-            name: "inside the jitter window counts as idle: probe early, never late",
+            name: "inside the jitter window counts as idle: the window is centred on idle",
             mode: DetectDead,
             activity: RxOnly,
             before: (Watching, 0, 0),
             seen: act(100 * S, 0),
-            now: 127 * S,
-            want: Verdict::Probe(Arm::exact(132 * S)),
+            now: 128_500 * MS,
+            want: Verdict::Probe(Arm::exact(133_500 * MS)),
             after: (Probing, 1),
         },
         Case {
@@ -142,8 +146,8 @@ fn decisions_follow_the_policy() {
             activity: RxOnly,
             before: (Watching, 0, 0),
             seen: act(100 * S, 0),
-            now: 127 * S - 1,
-            want: Verdict::Rearm(idle_arm(130 * S)),
+            now: 128_500 * MS - 1,
+            want: Verdict::Rearm(idle_arm(100 * S + IDLE_EDGE)),
             after: (Watching, 0),
         },
         Case {
@@ -155,7 +159,7 @@ fn decisions_follow_the_policy() {
             now: 135 * S,
             want: Verdict::Answered {
                 rtt: 40 * MS,
-                next: idle_arm(160 * S + 40 * MS),
+                next: idle_arm(130 * S + 40 * MS + IDLE_EDGE),
             },
             after: (Watching, 0),
         },
@@ -179,6 +183,7 @@ fn decisions_follow_the_policy() {
             want: Verdict::Dead {
                 silent: 45 * S,
                 probes: 3,
+                tier: DeadTier::Application,
                 next: Some(Arm::exact(150 * S)),
             },
             after: (Dead, 0),
@@ -200,7 +205,7 @@ fn decisions_follow_the_policy() {
             before: (Dead, 0, 140 * S),
             seen: act(151 * S, 140 * S),
             now: 155 * S,
-            want: Verdict::Revived(idle_arm(181 * S)),
+            want: Verdict::Revived(idle_arm(151 * S + IDLE_EDGE)),
             after: (Watching, 0),
         },
         Case {
@@ -230,13 +235,14 @@ fn decisions_follow_the_policy() {
             after: (Inert, 0),
         },
         Case {
-            name: "kernel-probed, no TCP_INFO verdict to read: look again exactly an interval on",
+            name: "kernel-probed, its timeouts reported by the source: look again when the \
+                   kernel could first have given up, should the notice not come",
             mode: DetectDead,
             activity: RxOnly,
             before: (Kernel, 0, 0),
             seen: act(100 * S, 0),
             now: 130 * S,
-            want: Verdict::Rearm(Arm::exact(135 * S)),
+            want: Verdict::Rearm(Arm::exact(145 * S + 250 * MS)),
             after: (Kernel, 0),
         },
         Case {
@@ -256,7 +262,7 @@ fn decisions_follow_the_policy() {
             before: (Watching, 0, 0),
             seen: act(124 * S, 100 * S),
             now: 125 * S,
-            want: Verdict::Probe(warm_arm(150 * S)),
+            want: Verdict::Probe(Arm::exact(150 * S)),
             after: (Watching, 0),
         },
         Case {
@@ -358,6 +364,7 @@ fn kernel_mode_reports_the_kernels_verdict() {
             Verdict::Dead {
                 silent: 100 * S,
                 probes: 3,
+                tier: DeadTier::Transport,
                 next: None,
             },
         ),
@@ -367,6 +374,7 @@ fn kernel_mode_reports_the_kernels_verdict() {
             Verdict::Dead {
                 silent: 100 * S,
                 probes: 3,
+                tier: DeadTier::Transport,
                 next: None,
             },
         ),
@@ -390,4 +398,116 @@ fn kernel_mode_reports_the_kernels_verdict() {
             info.tcpi_state
         );
     }
+}
+
+/// A tiered policy: kernel keepalive after 10 s, every 2 s, 3 probes (dead bound 16 s); lull's
+/// own probes only after 60 s less 3 intervals of silence, in a 10% window ending there.
+fn tiered() -> CompiledPolicy {
+    CompiledPolicy::new(
+        &Policy::detect_dead(Duration::from_secs(10), Duration::from_secs(2), 3)
+            .with_hung_after(Duration::from_secs(60)),
+        0,
+    )
+}
+
+#[test]
+fn tiered_policies_split_the_verdicts_by_tier() {
+    let p = tiered();
+    // The application tier's window: [54 - 5.4, 54] s after the last rx.
+    let cases = [
+        (
+            "quiet for less than the application tier's window: nothing to send",
+            Phase::Watching,
+            act(100 * S, 0),
+            140 * S,
+            Verdict::Rearm(Arm {
+                at: 154 * S,
+                early: 5_400 * MS,
+            }),
+        ),
+        (
+            "quiet into the window: the application tier probes",
+            Phase::Watching,
+            act(100 * S, 0),
+            149 * S,
+            Verdict::Probe(Arm::exact(151 * S)),
+        ),
+        (
+            "the kernel gave up (its timeout, reported by the source): transport tier",
+            Phase::Probing,
+            Activity {
+                flags: flags::STATE_CLOSE | flags::TIMED_OUT | flags::KEEPALIVE_EXPIRED,
+                ..act(100 * S, 0)
+            },
+            117 * S,
+            Verdict::Dead {
+                silent: 17 * S,
+                probes: 3,
+                tier: DeadTier::Transport,
+                next: None,
+            },
+        ),
+        (
+            "an orderly close is a close, not a death",
+            Phase::Watching,
+            Activity {
+                flags: flags::PEER_FIN | flags::STATE_CLOSE,
+                ..act(100 * S, 0)
+            },
+            117 * S,
+            Verdict::Closed(CloseReason::PeerFin),
+        ),
+    ];
+    for (name, phase, seen, now, want) in cases {
+        let mut c = conn(phase, u32::from(phase == Phase::Probing), 0);
+        assert_eq!(decide(&mut c, &p, &seen, now, now, 0), want, "{name}");
+    }
+    // Not tiered, the same timeout is a plain close, as it always was.
+    let mut c = conn(Phase::Watching, 0, 0);
+    let seen = Activity {
+        flags: flags::STATE_CLOSE | flags::TIMED_OUT,
+        ..act(100 * S, 0)
+    };
+    let plain = policy(Mode::DetectDead, ActivityMode::RxOnly);
+    assert_eq!(
+        decide(&mut c, &plain, &seen, 117 * S, 117 * S, 0),
+        Verdict::Closed(CloseReason::Closed)
+    );
+}
+
+#[test]
+fn tiered_on_tcp_info_looks_at_the_kernels_verdict_first_and_again_in_time() {
+    let p = tiered();
+    let now = 120 * S;
+    // Alive: the kernel's next possible verdict (last ACK 1 s ago, + 16 s) comes before the
+    // application tier's window (rx at 100 s: 148.6 s).
+    let mut c = conn(Phase::Watching, 0, 0);
+    assert_eq!(
+        decide_tiered(
+            &mut c,
+            &p,
+            &act(100 * S, 0),
+            &tcp_info(1, 0, 1_000),
+            (now, now),
+            0
+        ),
+        Verdict::Rearm(Arm::exact(135 * S + 250 * MS))
+    );
+    // Keepalive gave up: dead at the transport tier, whatever the application tier thought.
+    let mut c = conn(Phase::Probing, 1, 118 * S);
+    assert!(matches!(
+        decide_tiered(
+            &mut c,
+            &p,
+            &act(100 * S, 0),
+            &tcp_info(7, 3, 0),
+            (now, now),
+            0
+        ),
+        Verdict::Dead {
+            tier: DeadTier::Transport,
+            ..
+        }
+    ));
+    assert_eq!(c.phase(), Phase::Inert);
 }

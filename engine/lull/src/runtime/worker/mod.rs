@@ -88,6 +88,10 @@ pub(crate) struct Worker {
     conns: Vec<ConnState>,
     policies: Vec<CompiledPolicy>,
     batch: ProbeBatch,
+    /// Slot indices this engine serves, from `shared.slot_base`.
+    capacity: u32,
+    /// Connections the source noticed closing, by slot index; kept to reuse its allocation.
+    noticed: Vec<u32>,
 }
 
 impl Worker {
@@ -118,6 +122,8 @@ impl Worker {
             },
             policies: Vec::new(),
             batch: ProbeBatch::new(ring, config.max_probes_per_tick),
+            capacity: config.capacity,
+            noticed: Vec::new(),
         }
     }
 
@@ -142,6 +148,7 @@ impl Worker {
                 }
             }
             let now = monotonic_ns();
+            self.fire_noticed(now);
             let budget_left = self.fire_due(now, turn_start + TURN_BUDGET_NS);
             if now >= self.next_housekeeping_ns {
                 self.housekeeping(now);
@@ -250,13 +257,7 @@ impl Worker {
                     early: p.jitter_ns.min(p.interval_ns / 2),
                 },
             ),
-            _ => (
-                Phase::Watching,
-                Arm {
-                    at: now + p.idle_ns,
-                    early: p.jitter_ns,
-                },
-            ),
+            _ => (Phase::Watching, p.idle_arm(now)),
         };
         let first = self.placement.place(first);
         let timer = self
@@ -267,6 +268,8 @@ impl Worker {
             self.conns.resize(local + 1, free);
         }
         self.conns[local] = ConnState::new(fd, timer, policy, phase);
+        // Watched from now: what arrives later is news (the source's stamps start at `now`).
+        self.conns[local].set_mark(now);
         self.shared.counters.watched.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -332,6 +335,36 @@ impl Worker {
         self.batch.tick_budget_left()
     }
 
+    /// Looks at once at every connection the source says closed since the last turn, rather
+    /// than at its next timer: a close (or the kernel giving up) is news now.
+    fn fire_noticed(&mut self, now: u64) {
+        let base = self.shared.slot_base;
+        self.source
+            .take_notices(base..base + self.capacity, &mut self.noticed);
+        if self.noticed.is_empty() {
+            return;
+        }
+        let noticed = std::mem::take(&mut self.noticed);
+        for &index in &noticed {
+            let local = (index - base) as usize;
+            if self
+                .conns
+                .get(local)
+                .is_some_and(|c| c.fd != FREE_FD && c.phase() != Phase::Inert)
+            {
+                self.shared
+                    .counters
+                    .wakeups_noticed
+                    .fetch_add(1, Ordering::Relaxed);
+                self.fire(local, now);
+            }
+        }
+        self.noticed = noticed;
+        self.noticed.clear();
+        // A firing may have queued a probe (a connection that was only half closed): send it.
+        self.flush(now);
+    }
+
     fn fire(&mut self, local: usize, now: u64) {
         let Some(&c) = self.conns.get(local).filter(|c| c.fd != FREE_FD) else {
             return;
@@ -360,11 +393,22 @@ impl Worker {
                 queued = self.batch.push_probe(local, &c, payload, c);
             }
         }
+        let mut arrived = false;
         if !queued {
-            queued = self.evaluate(slot, local, c, &p, now);
+            let evaluation = self.evaluate(slot, local, c, &p, now);
+            queued = evaluation.queued;
+            arrived = evaluation.arrived;
         }
         if p.drain && c.fd >= 0 && self.conns[local].phase() != Phase::Inert {
-            queued |= self.batch.push_drain(local, c.fd);
+            // No read for a connection that received nothing since its probe: it would come
+            // back empty, and cost a submission entry and a completion for nothing.
+            let counters = &self.shared.counters;
+            if arrived && self.batch.push_drain(local, c.fd) {
+                queued = true;
+                counters.drains.fetch_add(1, Ordering::Relaxed);
+            } else if !arrived {
+                counters.drains_skipped.fetch_add(1, Ordering::Relaxed);
+            }
         }
         if queued {
             // Released once the batch has completed, in `flush`.

@@ -14,15 +14,26 @@ use crate::{
 
 use super::{
     super::{
-        CloseReason, ConnId, Event,
-        conn::{Arm, CompiledPolicy, ConnState, Phase, ProbeKind, Verdict, decide, decide_kernel},
+        CloseReason, ConnId, DeadTier, Event,
+        conn::{
+            Arm, CompiledPolicy, ConnState, Phase, ProbeKind, Verdict, decide, decide_kernel,
+            decide_tiered,
+        },
     },
     Worker, borrow,
 };
 
+/// What a firing's evaluation did.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Evaluation {
+    /// A request on the connection's fd was queued.
+    pub(super) queued: bool,
+    /// Payload arrived since the connection's last probe.
+    pub(super) arrived: bool,
+}
+
 impl Worker {
-    /// Reads the connection's activity and acts on the verdict. Returns whether a request on
-    /// its fd was queued.
+    /// Reads the connection's activity and acts on the verdict.
     pub(super) fn evaluate(
         &mut self,
         slot: Slot,
@@ -30,13 +41,15 @@ impl Worker {
         c: ConnState,
         p: &CompiledPolicy,
         now: u64,
-    ) -> bool {
+    ) -> Evaluation {
         let fd = borrow(c.fd);
-        // Kernel probing reads TCP_INFO for the kernel's verdict; a source whose reads are that
-        // same snapshot takes its activity from it, so the firing makes one getsockopt, not two.
-        let info = (c.phase() == Phase::Kernel)
-            .then(|| fd.map(tcp_info))
-            .flatten();
+        // Where the kernel watches the transport, its verdict comes from a source that reports
+        // timeouts, or else from TCP_INFO; a source whose reads are that same snapshot takes
+        // its activity from it, so the firing makes one getsockopt, not two.
+        let info =
+            (c.phase() != Phase::Inert && p.kernel_watched() && !self.source.reports_timeouts())
+                .then(|| fd.map(tcp_info))
+                .flatten();
         let snapshot = match &info {
             Some(Ok(info)) => self.source.activity_from_tcp_info(info, now),
             _ => None,
@@ -47,7 +60,7 @@ impl Worker {
             Err(err) => {
                 tracing::debug!(conn = %ConnId::from_slot(slot), "reading activity: {err}");
                 self.rearm(local, Arm::exact(now + p.interval_ns));
-                return false;
+                return Evaluation::default();
             }
         };
         let base = self.placement.tick_start(self.placement.tick_of(now));
@@ -55,6 +68,14 @@ impl Worker {
             (Phase::Kernel, Some(Ok(info))) => {
                 decide_kernel(&mut self.conns[local], p, &activity, &info, now)
             }
+            (_, Some(Ok(info))) => decide_tiered(
+                &mut self.conns[local],
+                p,
+                &activity,
+                &info,
+                (now, base),
+                self.resolution_ns,
+            ),
             _ => decide(
                 &mut self.conns[local],
                 p,
@@ -65,7 +86,14 @@ impl Worker {
             ),
         };
         self.gauge(c.phase(), self.conns[local].phase());
-        self.apply(slot, local, c, p, verdict)
+        // Something arrived since the connection's last probe (or since it was watched): an
+        // answer, or traffic, that a draining policy must read. Nothing else is worth a read.
+        let arrived = activity.last_rx_ns > c.mark()
+            || matches!(verdict, Verdict::Answered { .. } | Verdict::Revived(_));
+        Evaluation {
+            queued: self.apply(slot, local, c, p, verdict),
+            arrived,
+        }
     }
 
     fn apply(
@@ -115,13 +143,21 @@ impl Worker {
             Verdict::Dead {
                 silent,
                 probes,
+                tier,
                 next,
             } => {
-                self.shared.counters.dead.fetch_add(1, Ordering::Relaxed);
+                let counters = &self.shared.counters;
+                counters.dead.fetch_add(1, Ordering::Relaxed);
+                match tier {
+                    DeadTier::Transport => &counters.dead_transport,
+                    DeadTier::Application => &counters.dead_application,
+                }
+                .fetch_add(1, Ordering::Relaxed);
                 self.emit(Event::Dead {
                     id,
                     after: Duration::from_nanos(silent),
                     probes,
+                    tier,
                 });
                 let fd = borrow(self.conns[local].fd);
                 match (p.on_dead, fd, next) {
