@@ -5,7 +5,6 @@
 
 pub mod cli;
 pub mod netns;
-pub mod peers;
 pub mod servers;
 
 use std::{
@@ -26,28 +25,6 @@ pub const REQUIRE_EBPF: &str = "LULL_REQUIRE_EBPF";
 /// Whether eBPF tests must run.
 pub fn ebpf_required() -> bool {
     std::env::var(REQUIRE_EBPF).is_ok_and(|v| v == "1")
-}
-
-/// This process's resident memory, in bytes. Panics if it cannot be read: a reading of 0
-/// would make every growth check pass.
-pub fn rss_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").expect("reading /proc/self/statm");
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .expect("resident pages in /proc/self/statm");
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    pages * u64::try_from(page).expect("the page size")
-}
-
-/// File descriptors this process has open. Panics if they cannot be listed: a count of 0
-/// would make every leak check pass.
-pub fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .expect("listing /proc/self/fd")
-        .count()
 }
 
 /// Loads an activity table for a test, or explains loudly why the test is skipped.

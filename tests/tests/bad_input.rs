@@ -11,10 +11,9 @@ use std::{
 };
 
 use lull::{Engine, Policy, PolicyError, WatchError, activity::ActivityError};
+use lull_harness::{Behaviour, PeerServer, peer::PONG};
 use lull_tests::{
-    Source, both_sources, ebpf_table, engine,
-    peers::{Behaviour, PeerServer},
-    serial, tcp_pair, transfer, wait_until,
+    Source, both_sources, ebpf_table, engine, serial, tcp_pair, transfer, wait_until,
 };
 
 fn policy() -> Policy {
@@ -134,7 +133,7 @@ fn a_full_engine_refuses_new_streams_and_keeps_serving_its_own(source: Source) {
     let Some(engine) = engine("full engine", source, Engine::builder().capacity(8)) else {
         return;
     };
-    let peer = PeerServer::start(Behaviour::Answer(b"+PONG\r\n"));
+    let peer = PeerServer::start(Behaviour::Answer(PONG));
     let mut watched: Vec<_> = peer
         .connect(8)
         .into_iter()

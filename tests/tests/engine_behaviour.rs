@@ -10,11 +10,8 @@ use std::{
 };
 
 use lull::{CloseReason, ConnId, Engine, Event, Payload, Policy, Probe, Watched};
-use lull_tests::{
-    Source, both_sources, engine,
-    peers::{Behaviour, PeerServer},
-    percentile, serial,
-};
+use lull_harness::{Behaviour, PeerServer, peer::PONG};
+use lull_tests::{Source, both_sources, engine, percentile, serial};
 
 const N: usize = 2_000;
 const IDLE: Duration = Duration::from_millis(300);
@@ -106,7 +103,7 @@ fn idle_answering_peers_are_probed_every_idle_and_never_dead(source: Source) {
     let Some(engine) = engine(name, source, builder()) else {
         return;
     };
-    let peer = PeerServer::start(Behaviour::Answer(b"+PONG\r\n"));
+    let peer = PeerServer::start(Behaviour::Answer(PONG));
     let policy = policy();
     let watched = watch_all(&engine, &peer, N, &policy);
     std::thread::sleep(IDLE * 3 + IDLE / 3);
@@ -330,12 +327,12 @@ fn drain_discards_what_the_peer_sends(source: Source) {
     let Some(engine) = engine(name, source, builder()) else {
         return;
     };
-    let peer = PeerServer::start(Behaviour::Answer(b"+PONG\r\n"));
+    let peer = PeerServer::start(Behaviour::Answer(PONG));
     let n = 200;
     let drained = watch_all(&engine, &peer, n, &policy().with_drain(true));
     let kept = watch_all(&engine, &peer, n, &policy());
     std::thread::sleep(IDLE * 3);
-    let reply = 7;
+    let reply = PONG.len() as i32;
     for (w, ..) in &drained {
         let s = w.stats();
         assert!(

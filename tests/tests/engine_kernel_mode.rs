@@ -2,31 +2,20 @@
 
 use std::{
     net::{TcpListener, TcpStream},
-    os::fd::AsRawFd,
     time::{Duration, Instant},
 };
 
 use lull::{Engine, Event, Policy, Probe};
-use lull_tests::{
-    Source, both_sources, engine,
-    netns::NetnsPair,
-    peers::{Behaviour, PeerServer},
-    percentile, serial,
-};
+use lull_harness::{Behaviour, PeerServer};
+use lull_tests::{Source, both_sources, engine, netns::NetnsPair, percentile, serial};
+use socket2::SockRef;
 
 const CONNS: usize = 100;
 
-fn policy() -> Policy {
-    Policy::detect_dead(Duration::from_secs(1), Duration::from_secs(1), 2).with_probe(Probe::Kernel)
-}
+const ONE_S: Duration = Duration::from_secs(1);
 
-fn getsockopt(fd: i32, level: i32, name: i32) -> i32 {
-    let mut value: libc::c_int = 0;
-    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: valid out-pointers of the declared size.
-    let ret = unsafe { libc::getsockopt(fd, level, name, (&raw mut value).cast(), &mut len) };
-    assert_eq!(ret, 0, "getsockopt: {}", std::io::Error::last_os_error());
-    value
+fn policy() -> Policy {
+    Policy::detect_dead(ONE_S, ONE_S, 2).with_probe(Probe::Kernel)
 }
 
 both_sources!(kernel_mode_sets_the_options_and_reports_a_blackholed_peer_dead);
@@ -64,14 +53,15 @@ fn kernel_mode_sets_the_options_and_reports_a_blackholed_peer_dead(source: Sourc
         .collect();
 
     for w in &watched {
-        let fd = w.as_raw_fd();
-        assert_eq!(getsockopt(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE), 1);
-        assert_eq!(getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE), 1);
-        assert_eq!(getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL), 1);
-        assert_eq!(getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT), 2);
+        let sock = SockRef::from(&**w);
+        assert!(sock.keepalive().expect("SO_KEEPALIVE"));
+        assert_eq!(sock.tcp_keepalive_time().expect("TCP_KEEPIDLE"), ONE_S);
+        assert_eq!(sock.tcp_keepalive_interval().expect("TCP_KEEPINTVL"), ONE_S);
+        assert_eq!(sock.tcp_keepalive_retries().expect("TCP_KEEPCNT"), 2);
         assert_eq!(
-            getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT),
-            3_000
+            sock.tcp_user_timeout().expect("TCP_USER_TIMEOUT"),
+            Some(Duration::from_secs(3)),
+            "idle + count * interval"
         );
     }
 

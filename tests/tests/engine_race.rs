@@ -7,11 +7,8 @@ use std::{
 };
 
 use lull::{Engine, Policy};
-use lull_tests::{
-    Source, both_sources, engine,
-    peers::{Behaviour, PeerServer},
-    serial, wait_until,
-};
+use lull_harness::{Behaviour, PeerServer};
+use lull_tests::{Source, both_sources, engine, serial, wait_until};
 
 const CYCLES: usize = 100_000;
 const THREADS: usize = 2;

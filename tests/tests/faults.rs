@@ -12,13 +12,10 @@ use std::{
 use lull::{
     ActivityMode, CloseReason, Engine, Event, Payload, Policy, Probe, activity::SourceKind,
 };
+use lull_harness::{Behaviour, PeerServer, peer::PONG};
 use lull_tests::{
-    Source, both_sources,
-    cli::lull_bin,
-    ebpf_required, engine,
-    netns::NetnsPair,
-    peers::{Behaviour, PeerServer},
-    percentile, serial, wait_until,
+    Source, both_sources, cli::lull_bin, ebpf_required, engine, netns::NetnsPair, percentile,
+    serial, wait_until,
 };
 
 const IDLE: Duration = Duration::from_millis(1_000);
@@ -122,9 +119,9 @@ fn blackhole(source: Source, activity: ActivityMode, kernel: bool) {
         return;
     };
     let listener = pair.within(&pair.b, || {
-        lull_tests::peers::listener((pair.addr_b, 0).into())
+        lull_harness::socket::listener((pair.addr_b, 0).into()).expect("a listener in b")
     });
-    let peer = PeerServer::start_on(listener, Behaviour::Answer(b"+PONG\r\n"));
+    let peer = PeerServer::start_on(listener, Behaviour::Answer(PONG));
     let addr = peer.addr();
     let mut policy = policy().with_activity(activity);
     if kernel {
@@ -266,7 +263,7 @@ fn detached_programs_switch_the_engine_to_tcp_info_without_losing_a_connection()
     let Some(engine) = engine(name, Source::Ebpf, Engine::builder().capacity(1024)) else {
         return;
     };
-    let answering = PeerServer::start(Behaviour::Answer(b"+PONG\r\n"));
+    let answering = PeerServer::start(Behaviour::Answer(PONG));
     let silent = PeerServer::start(Behaviour::Silent);
     let alive: Vec<_> = answering
         .connect(200)

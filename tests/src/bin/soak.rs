@@ -14,11 +14,12 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::Parser;
 use lull::{Engine, Policy, SourceChoice, activity::SourceKind};
-use lull_tests::{
-    REQUIRE_EBPF, ebpf_required, open_fds,
-    peers::{Behaviour, PeerServer},
-    rss_bytes, wait_until,
+use lull_harness::{
+    Behaviour, PeerServer,
+    peer::PONG,
+    process::{open_fds, rss_bytes},
 };
+use lull_tests::{REQUIRE_EBPF, ebpf_required, wait_until};
 
 /// Churn connections through an engine for a while and check that nothing leaks.
 #[derive(Parser)]
@@ -55,7 +56,7 @@ fn main() -> Result<()> {
         Err(err) => bail!("eBPF is required ({REQUIRE_EBPF}=1) but unavailable: {err}"),
     };
     let engine = Arc::new(source);
-    let answering = PeerServer::start_unlogged(Behaviour::Answer(b"+PONG\r\n"));
+    let answering = PeerServer::start_unlogged(Behaviour::Answer(PONG));
     let closing = PeerServer::start_unlogged(Behaviour::Close {
         after: Duration::from_millis(150),
         reset: false,
@@ -87,7 +88,7 @@ fn main() -> Result<()> {
         })
     };
 
-    let fds_before = open_fds();
+    let fds_before = open_fds().context("counting open fds")?;
     let started = Instant::now();
     let cycles = Arc::new(AtomicU64::new(0));
     eprintln!(
@@ -134,7 +135,7 @@ fn main() -> Result<()> {
         while started.elapsed() < duration {
             std::thread::sleep(Duration::from_millis(200));
             if Instant::now() >= next {
-                rss_samples.push(rss_bytes());
+                rss_samples.push(rss_bytes().context("reading resident memory")?);
                 eprintln!(
                     "soak: {:>5.1}s {} watch/drop cycles, {} watched, rss {:.1} MiB",
                     started.elapsed().as_secs_f64(),
@@ -158,8 +159,12 @@ fn main() -> Result<()> {
     let slots_leaked = engine.slots_in_use();
     let rows_leaked = engine.source().registered_rows();
     // The peers' ends close once they read EOF; give them a moment.
-    let fds_settled = wait_until(Duration::from_secs(5), || open_fds() <= fds_before);
-    let fds_leaked = open_fds().saturating_sub(fds_before);
+    let fds_settled = wait_until(Duration::from_secs(5), || {
+        open_fds().is_ok_and(|n| n <= fds_before)
+    });
+    let fds_leaked = open_fds()
+        .context("counting open fds")?
+        .saturating_sub(fds_before);
     if fds_leaked > 0 {
         for fd in std::fs::read_dir("/proc/self/fd")
             .into_iter()
