@@ -5,6 +5,8 @@ use std::{
     process::{Command, Output},
 };
 
+use crate::{Source, root_or_skip};
+
 /// The `lull` binary under test: `$LULL_BIN` (set by `cargo xtask test`), else the workspace's
 /// debug build.
 pub fn lull_bin() -> PathBuf {
@@ -39,4 +41,21 @@ pub fn report(path: &std::path::Path) -> serde_json::Value {
 /// A scratch file path unique to this process and `name`.
 pub fn scratch(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("lull-test-{}-{name}", std::process::id()))
+}
+
+/// `--source` for a test source; `None` (the test is skipped, loudly) when eBPF is wanted but
+/// this is not root.
+pub fn source_flag(source: Source, test: &str) -> Option<&'static str> {
+    match source {
+        Source::TcpInfo => Some("tcp-info"),
+        Source::Ebpf => root_or_skip(test).then_some("ebpf"),
+    }
+}
+
+/// Programs named like lull's that are loaded in the kernel now.
+pub fn lull_programs() -> usize {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("lull_")))
+        .count()
 }

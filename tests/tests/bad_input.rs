@@ -13,7 +13,8 @@ use std::{
 use lull::{Engine, Policy, PolicyError, WatchError, activity::ActivityError};
 use lull_harness::{Behaviour, PeerServer, peer::PONG};
 use lull_tests::{
-    Source, both_sources, ebpf_table, engine, serial, tcp_pair, transfer, wait_until,
+    Source, assert_source_kept, both_sources, ebpf_table, engine, serial, tcp_pair, transfer,
+    wait_until,
 };
 
 fn policy() -> Policy {
@@ -125,6 +126,8 @@ fn bad_streams_are_refused_with_typed_errors(source: Source) {
         0,
         "nothing refused was registered"
     );
+    assert_source_kept(&engine, source.kind());
+    assert_source_kept(&other, source.kind());
 }
 
 both_sources!(a_full_engine_refuses_new_streams_and_keeps_serving_its_own);
@@ -155,6 +158,7 @@ fn a_full_engine_refuses_new_streams_and_keeps_serving_its_own(source: Source) {
     assert!(wait_until(Duration::from_secs(3), || engine
         .watch(extra.try_clone().unwrap(), &policy())
         .is_ok()));
+    assert_source_kept(&engine, source.kind());
 }
 
 #[test]

@@ -10,31 +10,10 @@ use std::{
 
 use lull_tests::{
     Source, both_sources,
-    cli::{lull, lull_bin, report, scratch},
-    ebpf_required, serial,
+    cli::{lull, lull_bin, lull_programs, report, scratch, source_flag},
+    root_or_skip, serial,
     servers::free_port,
 };
-
-/// Programs named like lull's that are loaded in the kernel now.
-fn lull_programs() -> usize {
-    aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("lull_")))
-        .count()
-}
-
-/// `--source` for a test source; `None` (skip) when eBPF is wanted but this is not root.
-fn source_flag(source: Source, test: &str) -> Option<&'static str> {
-    match source {
-        Source::TcpInfo => Some("tcp-info"),
-        // SAFETY: geteuid has no preconditions.
-        Source::Ebpf if unsafe { libc::geteuid() } != 0 && !ebpf_required() => {
-            eprintln!("SKIPPED {test}: eBPF needs root");
-            None
-        }
-        Source::Ebpf => Some("ebpf"),
-    }
-}
 
 both_sources!(demo_report_matches_the_population);
 fn demo_report_matches_the_population(source: Source) {
@@ -101,9 +80,7 @@ fn demo_report_matches_the_population(source: Source) {
 #[test]
 fn sigint_stops_cleanly_and_leaves_no_bpf_behind() {
     let _serial = serial();
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 && !ebpf_required() {
-        eprintln!("SKIPPED sigint_stops_cleanly_and_leaves_no_bpf_behind: needs root");
+    if !root_or_skip("sigint_stops_cleanly_and_leaves_no_bpf_behind") {
         return;
     }
     let before = lull_programs();
@@ -156,12 +133,7 @@ fn sigint_stops_cleanly_and_leaves_no_bpf_behind() {
 #[test]
 fn user_drops_to_nobody_with_no_capabilities_and_keeps_working() {
     let _serial = serial();
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(!ebpf_required(), "--user needs root to test");
-        eprintln!(
-            "SKIPPED user_drops_to_nobody_with_no_capabilities_and_keeps_working: needs root"
-        );
+    if !root_or_skip("user_drops_to_nobody_with_no_capabilities_and_keeps_working") {
         return;
     }
     let json = scratch("user.json");

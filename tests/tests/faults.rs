@@ -10,12 +10,15 @@ use std::{
 };
 
 use lull::{
-    ActivityMode, CloseReason, Engine, Event, Payload, Policy, Probe, activity::SourceKind,
+    ActivityMode, CloseReason, ConnId, Engine, Event, Payload, Policy, Probe, activity::SourceKind,
 };
 use lull_harness::{Behaviour, PeerServer, peer::PONG};
 use lull_tests::{
-    Source, both_sources, cli::lull_bin, ebpf_required, engine, netns::NetnsPair, percentile,
-    serial, wait_until,
+    Source, assert_exactly_once, assert_source_kept, both_sources,
+    cli::{lull_bin, lull_programs, report, scratch},
+    engine,
+    netns::NetnsPair,
+    percentile, root_or_skip, serial, wait_until,
 };
 
 const IDLE: Duration = Duration::from_millis(1_000);
@@ -25,24 +28,41 @@ fn policy() -> Policy {
     Policy::detect_dead(IDLE, INTERVAL, 3).with_probe(Probe::Bytes(Payload::redis_ping()))
 }
 
-/// Waits for `n` events matching `want`, panicking on any other; returns their arrival times.
+/// Waits for `n` events matching `want`, panicking on any other, then listens for one more
+/// `INTERVAL` so that a connection reported twice, or one too many, is seen too. Returns the
+/// connection of each matching event and when it arrived.
 fn expect_events(
     engine: &Engine,
     n: usize,
     within: Duration,
     want: impl Fn(&Event) -> bool,
-) -> Vec<Instant> {
+) -> Vec<(ConnId, Instant)> {
     let deadline = Instant::now() + within;
-    let mut at = Vec::new();
-    while at.len() < n {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match engine.events().recv_timeout(left) {
-            Ok(e) if want(&e) => at.push(Instant::now()),
+    let mut got = Vec::new();
+    let mut linger = None;
+    loop {
+        if linger.is_none() && got.len() >= n {
+            linger = Some(Instant::now() + INTERVAL);
+        }
+        let until = linger.unwrap_or(deadline);
+        match engine
+            .events()
+            .recv_timeout(until.saturating_duration_since(Instant::now()))
+        {
+            Ok(e) if want(&e) => got.push((e.id(), Instant::now())),
             Ok(other) => panic!("unexpected event {other:?}"),
-            Err(_) => panic!("only {} of {n} expected events within {within:?}", at.len()),
+            Err(_) if linger.is_some() => return got,
+            Err(_) => panic!(
+                "only {} of {n} expected events within {within:?}",
+                got.len()
+            ),
         }
     }
-    at
+}
+
+/// The ids of `watched`.
+fn ids<T: std::os::fd::AsFd>(watched: &[lull::Watched<T>]) -> HashSet<ConnId> {
+    watched.iter().map(lull::Watched::id).collect()
 }
 
 /// A peer in its own process (`lull peer`), so it can be frozen with SIGSTOP while its kernel
@@ -90,10 +110,15 @@ fn a_frozen_peer_process_is_dead_within_the_bound(source: Source) {
     unsafe { libc::kill(peer.id() as libc::pid_t, libc::SIGSTOP) };
     let frozen = Instant::now();
     let bound = policy().detection_bound();
-    let at = expect_events(&engine, watched.len(), bound * 2, |e| {
+    let dead = expect_events(&engine, watched.len(), bound * 2, |e| {
         matches!(e, Event::Dead { .. })
     });
-    let mut latency: Vec<Duration> = at.iter().map(|t| t.duration_since(frozen)).collect();
+    assert_exactly_once(
+        &format!("{source:?}: connections to the frozen peer reported dead"),
+        dead.iter().map(|(id, _)| *id),
+        &ids(&watched),
+    );
+    let mut latency: Vec<Duration> = dead.iter().map(|(_, t)| t.duration_since(frozen)).collect();
     latency.sort();
     eprintln!(
         "{source:?}: SIGSTOP -> dead: p50 {:?} p99 {:?} max {:?} (bound {bound:?})",
@@ -106,6 +131,7 @@ fn a_frozen_peer_process_is_dead_within_the_bound(source: Source) {
     unsafe { libc::kill(peer.id() as libc::pid_t, libc::SIGCONT) };
     let _ = peer.kill();
     let _ = peer.wait();
+    assert_source_kept(&engine, source.kind());
 }
 
 /// A blackholed path with unacknowledged data in flight: `mode` picks what counts as activity.
@@ -161,15 +187,20 @@ fn blackhole(source: Source, activity: ActivityMode, kernel: bool) {
     } else {
         Duration::from_millis(50)
     };
-    let at = expect_events(&engine, watched.len(), bound * 3, |e| {
+    let dead = expect_events(&engine, watched.len(), bound * 3, |e| {
         if std::env::var_os("LULL_TEST_DEBUG").is_some() {
             eprintln!("{:?} {e:?}", blackholed.elapsed());
         }
         matches!(e, Event::Dead { .. })
     });
-    let worst = at
+    assert_exactly_once(
+        &format!("{source:?} {activity:?} kernel={kernel}: blackholed connections reported dead"),
+        dead.iter().map(|(id, _)| *id),
+        &ids(&watched),
+    );
+    let worst = dead
         .iter()
-        .map(|t| t.duration_since(blackholed))
+        .map(|(_, t)| t.duration_since(blackholed))
         .max()
         .unwrap();
     eprintln!(
@@ -180,6 +211,7 @@ fn blackhole(source: Source, activity: ActivityMode, kernel: bool) {
         worst <= bound + slack,
         "{source:?}: detection stalled: {worst:?} > {bound:?} + {slack:?}"
     );
+    assert_source_kept(&engine, source.kind());
 }
 
 both_sources!(blackhole_with_unacked_data_rx_mode);
@@ -214,18 +246,26 @@ fn local_half_close_is_closed_not_dead(source: Source) {
     for w in &watched {
         w.shutdown(std::net::Shutdown::Write).unwrap();
     }
-    let ids: HashSet<_> = watched.iter().map(|w| w.id()).collect();
-    expect_events(
-        &engine,
-        20,
-        IDLE * 2,
-        |e| matches!(e, Event::Closed { id, reason: CloseReason::LocalClose } if ids.contains(id)),
+    let closed = expect_events(&engine, 20, IDLE * 2, |e| {
+        matches!(
+            e,
+            Event::Closed {
+                reason: CloseReason::LocalClose,
+                ..
+            }
+        )
+    });
+    assert_exactly_once(
+        &format!("{source:?}: half-closed connections reported closed"),
+        closed.iter().map(|(id, _)| *id),
+        &ids(&watched),
     );
     assert_eq!(
         engine.stats().probes_sent,
         0,
         "a closing connection is not probed"
     );
+    assert_source_kept(&engine, source.kind());
 }
 
 /// Records everything logged, so a test can count lines (the engine logs from its own thread,
@@ -305,13 +345,14 @@ fn detached_programs_switch_the_engine_to_tcp_info_without_losing_a_connection()
         .into_iter()
         .map(|(s, _)| engine.watch(s, &policy()).unwrap())
         .collect();
-    let ids: HashSet<_> = dead.iter().map(|w| w.id()).collect();
     let before: u32 = alive.iter().map(|w| w.stats().probes_answered).sum();
-    expect_events(
-        &engine,
-        20,
-        policy().detection_bound() * 3,
-        |e| matches!(e, Event::Dead { id, .. } if ids.contains(id)),
+    let reported = expect_events(&engine, 20, policy().detection_bound() * 3, |e| {
+        matches!(e, Event::Dead { .. })
+    });
+    assert_exactly_once(
+        "connections to the silent peer, watched after the fallback, reported dead",
+        reported.iter().map(|(id, _)| *id),
+        &ids(&dead),
     );
     let after: u32 = alive.iter().map(|w| w.stats().probes_answered).sum();
     assert!(
@@ -326,24 +367,17 @@ fn detached_programs_switch_the_engine_to_tcp_info_without_losing_a_connection()
         1,
         "logged once: {text}"
     );
+    // The one test that must end on the fallback.
+    assert_source_kept(&engine, SourceKind::TcpInfo);
 }
 
 #[test]
 fn sigkill_leaves_nothing_behind_and_the_next_start_works() {
     let _serial = serial();
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(!ebpf_required(), "needs root");
-        eprintln!("SKIPPED sigkill_leaves_nothing_behind: needs root");
+    if !root_or_skip("sigkill_leaves_nothing_behind_and_the_next_start_works") {
         return;
     }
-    let count = || {
-        aya::programs::loaded_programs()
-            .filter_map(Result::ok)
-            .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("lull_")))
-            .count()
-    };
-    let before = count();
+    let before = lull_programs();
     for round in 0..2 {
         let mut child = Command::new(lull_bin())
             .args([
@@ -361,17 +395,18 @@ fn sigkill_leaves_nothing_behind_and_the_next_start_works() {
             .spawn()
             .expect("start lull");
         assert!(
-            wait_until(Duration::from_secs(10), || count() == before + 3),
+            wait_until(Duration::from_secs(10), || lull_programs() == before + 3),
             "round {round}: attached"
         );
         let _ = child.kill(); // SIGKILL
         let _ = child.wait();
         assert!(
-            wait_until(Duration::from_secs(5), || count() == before),
+            wait_until(Duration::from_secs(5), || lull_programs() == before),
             "round {round}: programs left behind"
         );
     }
-    // And a normal run still starts and finishes.
+    // And a normal run still starts and finishes, on eBPF to its end.
+    let json = scratch("after-sigkill.json");
     let out = Command::new(lull_bin())
         .args([
             "run",
@@ -384,6 +419,7 @@ fn sigkill_leaves_nothing_behind_and_the_next_start_works() {
             "--quiet",
         ])
         .args(["--hung", "0", "--closing", "0"])
+        .args(["--json", json.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(
@@ -391,5 +427,6 @@ fn sigkill_leaves_nothing_behind_and_the_next_start_works() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert_eq!(report(&json)["source"], "ebpf");
     assert!(TcpListener::bind("127.0.0.1:0").is_ok());
 }

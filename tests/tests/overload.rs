@@ -10,9 +10,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lull::{Engine, Policy, SourceChoice, activity::SimulatedSource, clock::monotonic_ns};
+use lull::{
+    Engine, Policy, SourceChoice,
+    activity::{SimulatedSource, SourceKind},
+    clock::monotonic_ns,
+};
 use lull_harness::process::rss_bytes;
-use lull_tests::{serial, wait_until};
+use lull_tests::{assert_source_kept, serial, wait_until};
 
 const N: u32 = 1_000_000;
 
@@ -56,6 +60,7 @@ fn herd(max_probes_per_tick: u32) -> lull::EngineStats {
     // with room for allocator and page rounding, but nothing proportional to the herd's size.
     assert!(rss < 200.0, "{rss:.0} B per connection");
     drop(conns);
+    assert_source_kept(&engine, SourceKind::Simulated);
     stats
 }
 
