@@ -1,9 +1,7 @@
 //! `lull run` (the demonstration) end to end: its report matches the population it started,
-//! it stops cleanly on SIGINT, it drops privileges with --user, and it serves metrics.
+//! it stops cleanly on SIGINT, and it drops privileges with --user.
 
 use std::{
-    io::{Read, Write},
-    net::TcpStream,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -12,7 +10,6 @@ use lull_tests::{
     Source, both_sources,
     cli::{lull, lull_bin, lull_programs, report, scratch, source_flag},
     root_or_skip, serial,
-    servers::free_port,
 };
 
 both_sources!(demo_report_matches_the_population);
@@ -222,56 +219,4 @@ fn user_drops_to_nobody_with_no_capabilities_and_keeps_working() {
         r["mismatches"]
     );
     assert_eq!(r["dead"]["found"], 5);
-}
-
-#[test]
-fn metrics_are_served_in_prometheus_text_on_localhost() {
-    let _serial = serial();
-    let port = free_port();
-    let child = Command::new(lull_bin())
-        .args([
-            "run",
-            "--conns",
-            "300",
-            "--duration",
-            "5s",
-            "--idle",
-            "1s",
-            "--interval",
-            "300ms",
-        ])
-        .args(["--quiet", "--metrics", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start lull");
-    std::thread::sleep(Duration::from_secs(3));
-    let mut conn = TcpStream::connect(("127.0.0.1", port)).expect("a bare port binds 127.0.0.1");
-    conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut body = String::new();
-    conn.read_to_string(&mut body).unwrap();
-    for needle in [
-        "200 OK",
-        "openmetrics-text",
-        "lull_probes_sent_total ",
-        "lull_connections{state=\"watching\"}",
-        "lull_connections{state=\"probing\"}",
-        "lull_deaths_total",
-        "lull_detection_latency_seconds_bucket",
-        "lull_activity_source{source=",
-    ] {
-        assert!(body.contains(needle), "metrics lack {needle}:\n{body}");
-    }
-    let sent: f64 = body
-        .lines()
-        .find_map(|l| l.strip_prefix("lull_probes_sent_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("a probes counter");
-    assert!(sent > 0.0, "probes are counted");
-    let out = child.wait_with_output().expect("wait for lull");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
