@@ -2,7 +2,7 @@
 
 use std::{
     path::PathBuf,
-    process::{Command, Output},
+    process::{Child, Command, Output, Stdio},
 };
 
 use crate::{Source, root_or_skip};
@@ -29,6 +29,47 @@ pub fn lull(args: &[&str]) -> Output {
         .env("RUST_LOG", "warn")
         .output()
         .expect("run lull")
+}
+
+/// `lull <args>`, started with stdout and stderr piped.
+pub fn spawn_lull(args: &[&str]) -> Child {
+    Command::new(lull_bin())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start lull")
+}
+
+/// A demo of `conns` connections on eBPF that runs for a minute unless stopped: what the
+/// tests that stop lull with a signal start.
+pub fn spawn_long_ebpf_demo(conns: u32) -> Child {
+    let conns = conns.to_string();
+    spawn_lull(&[
+        "run",
+        "--conns",
+        &conns,
+        "--duration",
+        "60s",
+        "--source",
+        "ebpf",
+        "--quiet",
+    ])
+}
+
+/// `lull <args> --json <json>`, waited for; panics unless it succeeded. Returns its report.
+pub fn lull_report(args: &[&str], json: &std::path::Path) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.extend(["--json", json.to_str().expect("a UTF-8 path")]);
+    let out = lull(&all);
+    assert!(
+        out.status.success(),
+        "{all:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    report(json)
 }
 
 /// Reads the JSON report written with `--json`.

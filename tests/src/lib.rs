@@ -16,7 +16,7 @@ use std::{
 };
 
 use lull::{
-    ConnId, Engine, EngineBuilder, SourceChoice,
+    ConnId, Engine, EngineBuilder, Policy, SourceChoice, Watched,
     activity::{ActivityTable, SourceKind, TableOptions},
 };
 
@@ -73,6 +73,19 @@ pub fn tcp_pair() -> (TcpStream, TcpStream) {
     ours.set_nodelay(true).expect("TCP_NODELAY");
     peer.set_nodelay(true).expect("TCP_NODELAY");
     (ours, peer)
+}
+
+/// Opens `n` connections to `peer` and watches each with `policy`.
+pub fn watch_n(
+    engine: &Engine,
+    peer: &lull_harness::PeerServer,
+    n: usize,
+    policy: &Policy,
+) -> Vec<Watched<TcpStream>> {
+    peer.connect(n)
+        .into_iter()
+        .map(|(s, _)| engine.watch(s, policy).expect("watch"))
+        .collect()
 }
 
 /// Writes `bytes` on `from` and reads them on `to`, so both sides' stacks have processed them.

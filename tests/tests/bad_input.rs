@@ -14,7 +14,7 @@ use lull::{Engine, Policy, PolicyError, WatchError, activity::ActivityError};
 use lull_harness::{Behaviour, PeerServer, peer::PONG};
 use lull_tests::{
     Source, assert_source_kept, both_sources, ebpf_table, engine, serial, tcp_pair, transfer,
-    wait_until,
+    wait_until, watch_n,
 };
 
 fn policy() -> Policy {
@@ -137,11 +137,7 @@ fn a_full_engine_refuses_new_streams_and_keeps_serving_its_own(source: Source) {
         return;
     };
     let peer = PeerServer::start(Behaviour::Answer(PONG));
-    let mut watched: Vec<_> = peer
-        .connect(8)
-        .into_iter()
-        .map(|(s, _)| engine.watch(s, &policy()).unwrap())
-        .collect();
+    let mut watched = watch_n(&engine, &peer, 8, &policy());
     let (extra, _) = peer.connect_one();
     let err = engine
         .watch(extra.try_clone().unwrap(), &policy())

@@ -1,14 +1,11 @@
 //! `lull run` (the demonstration) end to end: its report matches the population it started,
 //! it stops cleanly on SIGINT, and it drops privileges with --user.
 
-use std::{
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use lull_tests::{
     Source, both_sources,
-    cli::{lull, lull_bin, lull_programs, report, scratch, source_flag},
+    cli::{lull, lull_programs, report, scratch, source_flag, spawn_long_ebpf_demo, spawn_lull},
     root_or_skip, serial,
 };
 
@@ -81,21 +78,7 @@ fn sigint_stops_cleanly_and_leaves_no_bpf_behind() {
         return;
     }
     let before = lull_programs();
-    let child = Command::new(lull_bin())
-        .args([
-            "run",
-            "--conns",
-            "500",
-            "--duration",
-            "60s",
-            "--source",
-            "ebpf",
-            "--quiet",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start lull");
+    let child = spawn_long_ebpf_demo(500);
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
         lull_programs(),
@@ -134,31 +117,24 @@ fn user_drops_to_nobody_with_no_capabilities_and_keeps_working() {
         return;
     }
     let json = scratch("user.json");
-    let child = Command::new(lull_bin())
-        .args([
-            "run",
-            "--conns",
-            "500",
-            "--duration",
-            "7s",
-            "--idle",
-            "1s",
-            "--interval",
-            "300ms",
-        ])
-        .args([
-            "--source",
-            "ebpf",
-            "--user",
-            "nobody",
-            "--quiet",
-            "--json",
-            json.to_str().unwrap(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start lull");
+    let child = spawn_lull(&[
+        "run",
+        "--conns",
+        "500",
+        "--duration",
+        "7s",
+        "--idle",
+        "1s",
+        "--interval",
+        "300ms",
+        "--source",
+        "ebpf",
+        "--user",
+        "nobody",
+        "--quiet",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
     std::thread::sleep(Duration::from_secs(3));
     let pid = child.id();
     let mut threads = 0;

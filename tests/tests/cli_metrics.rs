@@ -9,13 +9,13 @@ use std::{
     collections::BTreeMap,
     io::{Read, Write},
     net::TcpStream,
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     time::{Duration, Instant},
 };
 
 use lull_tests::{
     Source, both_sources,
-    cli::{lull_bin, scratch, source_flag},
+    cli::{scratch, source_flag, spawn_lull},
     serial,
     servers::free_port,
 };
@@ -171,20 +171,33 @@ fn metrics_page_has_every_family_with_the_figures_of_the_run(source: Source) {
     // No answering peers: once the hung peers are dead and the closing ones closed (by
     // duration - 1 s), no probe is sent and no verdict falls, so the counters of probes and
     // verdicts are final well before the run ends.
-    let mut lull = Lull(Some(
-        Command::new(lull_bin())
-            .args(["run", "--conns", &CONNS.to_string(), "--duration", "6s"])
-            .args(["--idle", "1s", "--interval", "300ms", "--count", "3"])
-            .args(["--busy", "50", "--hung", "30", "--closing", "20"])
-            .args(["--source", flag, "--quiet", "--metrics", &port.to_string()])
-            .arg("--json")
-            .arg(&json)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start lull"),
-    ));
+    let (conns, port_arg) = (CONNS.to_string(), port.to_string());
+    let mut lull = Lull(Some(spawn_lull(&[
+        "run",
+        "--conns",
+        &conns,
+        "--duration",
+        "6s",
+        "--idle",
+        "1s",
+        "--interval",
+        "300ms",
+        "--count",
+        "3",
+        "--busy",
+        "50",
+        "--hung",
+        "30",
+        "--closing",
+        "20",
+        "--source",
+        flag,
+        "--quiet",
+        "--metrics",
+        &port_arg,
+        "--json",
+        json.to_str().expect("a UTF-8 path"),
+    ])));
 
     // While it runs, the page is live: every connection shown, probes counted.
     let started = Instant::now();

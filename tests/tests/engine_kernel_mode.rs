@@ -1,15 +1,12 @@
 //! `Probe::Kernel`: the engine hands probing to the kernel's keepalive and reports its verdict.
 
-use std::{
-    net::{TcpListener, TcpStream},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use lull::{Engine, Event, Policy, Probe};
 use lull_harness::{Behaviour, PeerServer};
 use lull_tests::{
     Source, assert_exactly_once, assert_source_kept, both_sources, engine, netns::NetnsPair,
-    percentile, serial,
+    percentile, serial, watch_n,
 };
 use socket2::SockRef;
 
@@ -31,16 +28,8 @@ fn kernel_mode_sets_the_options_and_reports_a_blackholed_peer_dead(source: Sourc
     let Some(engine) = engine(name, source, Engine::builder().capacity(1024)) else {
         return;
     };
-    let listener = pair.within(&pair.b, || {
-        TcpListener::bind((pair.addr_b, 0)).expect("bind in b")
-    });
-    let peer = PeerServer::start_on(listener, Behaviour::Silent);
-    let addr = peer.addr();
-    let conns: Vec<TcpStream> = pair.within(&pair.a, || {
-        (0..CONNS)
-            .map(|_| TcpStream::connect(addr).expect("connect across the veth"))
-            .collect()
-    });
+    let peer = pair.peer_in_b(Behaviour::Silent);
+    let conns = pair.connect_from_a(&peer, CONNS);
     // A hung application on a healthy path, for contrast: the kernel's keepalive is answered
     // by the peer's kernel and sees nothing wrong.
     let hung_peer = PeerServer::start(Behaviour::Silent);
@@ -49,11 +38,7 @@ fn kernel_mode_sets_the_options_and_reports_a_blackholed_peer_dead(source: Sourc
     for s in conns {
         watched.push(engine.watch(s, &policy).expect("watch"));
     }
-    let hung: Vec<_> = hung_peer
-        .connect(CONNS)
-        .into_iter()
-        .map(|(s, _)| engine.watch(s, &policy).expect("watch"))
-        .collect();
+    let hung = watch_n(&engine, &hung_peer, CONNS, &policy);
 
     for w in &watched {
         let sock = SockRef::from(&**w);

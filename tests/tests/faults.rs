@@ -15,10 +15,10 @@ use lull::{
 use lull_harness::{Behaviour, PeerServer, peer::PONG};
 use lull_tests::{
     Source, assert_exactly_once, assert_source_kept, both_sources,
-    cli::{lull_bin, lull_programs, report, scratch},
+    cli::{lull_bin, lull_programs, lull_report, scratch, spawn_long_ebpf_demo},
     engine,
     netns::NetnsPair,
-    percentile, root_or_skip, serial, wait_until,
+    percentile, root_or_skip, serial, wait_until, watch_n,
 };
 
 const IDLE: Duration = Duration::from_millis(1_000);
@@ -144,22 +144,14 @@ fn blackhole(source: Source, activity: ActivityMode, kernel: bool) {
     let Some(engine) = engine(name, source, Engine::builder().capacity(1024)) else {
         return;
     };
-    let listener = pair.within(&pair.b, || {
-        lull_harness::socket::listener((pair.addr_b, 0).into()).expect("a listener in b")
-    });
-    let peer = PeerServer::start_on(listener, Behaviour::Answer(PONG));
-    let addr = peer.addr();
+    let peer = pair.peer_in_b(Behaviour::Answer(PONG));
     let mut policy = policy().with_activity(activity);
     if kernel {
         policy = Policy::detect_dead(Duration::from_secs(1), Duration::from_secs(1), 2)
             .with_probe(Probe::Kernel);
     }
     let mut watched: Vec<_> = pair
-        .within(&pair.a, || {
-            (0..50)
-                .map(|_| TcpStream::connect(addr).unwrap())
-                .collect::<Vec<_>>()
-        })
+        .connect_from_a(&peer, 50)
         .into_iter()
         .map(|s| engine.watch(s, &policy).unwrap())
         .collect();
@@ -238,11 +230,7 @@ fn local_half_close_is_closed_not_dead(source: Source) {
         return;
     };
     let peer = PeerServer::start(Behaviour::Silent);
-    let watched: Vec<_> = peer
-        .connect(20)
-        .into_iter()
-        .map(|(s, _)| engine.watch(s, &policy()).unwrap())
-        .collect();
+    let watched = watch_n(&engine, &peer, 20, &policy());
     for w in &watched {
         w.shutdown(std::net::Shutdown::Write).unwrap();
     }
@@ -305,11 +293,7 @@ fn detached_programs_switch_the_engine_to_tcp_info_without_losing_a_connection()
     };
     let answering = PeerServer::start(Behaviour::Answer(PONG));
     let silent = PeerServer::start(Behaviour::Silent);
-    let alive: Vec<_> = answering
-        .connect(200)
-        .into_iter()
-        .map(|(s, _)| engine.watch(s, &policy()).unwrap())
-        .collect();
+    let alive = watch_n(&engine, &answering, 200, &policy());
     let links = engine.source().link_ids();
     assert_eq!(links.len(), 3);
 
@@ -340,11 +324,7 @@ fn detached_programs_switch_the_engine_to_tcp_info_without_losing_a_connection()
         "the engine must notice"
     );
     // Connections watched before still work, and the fallback still finds dead peers.
-    let dead: Vec<_> = silent
-        .connect(20)
-        .into_iter()
-        .map(|(s, _)| engine.watch(s, &policy()).unwrap())
-        .collect();
+    let dead = watch_n(&engine, &silent, 20, &policy());
     let before: u32 = alive.iter().map(|w| w.stats().probes_answered).sum();
     let reported = expect_events(&engine, 20, policy().detection_bound() * 3, |e| {
         matches!(e, Event::Dead { .. })
@@ -379,21 +359,7 @@ fn sigkill_leaves_nothing_behind_and_the_next_start_works() {
     }
     let before = lull_programs();
     for round in 0..2 {
-        let mut child = Command::new(lull_bin())
-            .args([
-                "run",
-                "--conns",
-                "300",
-                "--duration",
-                "60s",
-                "--source",
-                "ebpf",
-                "--quiet",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start lull");
+        let mut child = spawn_long_ebpf_demo(300);
         assert!(
             wait_until(Duration::from_secs(10), || lull_programs() == before + 3),
             "round {round}: attached"
@@ -407,8 +373,8 @@ fn sigkill_leaves_nothing_behind_and_the_next_start_works() {
     }
     // And a normal run still starts and finishes, on eBPF to its end.
     let json = scratch("after-sigkill.json");
-    let out = Command::new(lull_bin())
-        .args([
+    let r = lull_report(
+        &[
             "run",
             "--conns",
             "100",
@@ -417,16 +383,13 @@ fn sigkill_leaves_nothing_behind_and_the_next_start_works() {
             "--source",
             "ebpf",
             "--quiet",
-        ])
-        .args(["--hung", "0", "--closing", "0"])
-        .args(["--json", json.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+            "--hung",
+            "0",
+            "--closing",
+            "0",
+        ],
+        &json,
     );
-    assert_eq!(report(&json)["source"], "ebpf");
+    assert_eq!(r["source"], "ebpf");
     assert!(TcpListener::bind("127.0.0.1:0").is_ok());
 }
