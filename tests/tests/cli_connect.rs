@@ -186,10 +186,17 @@ fn a_frozen_server_is_dead_within_the_bound_while_kernel_keepalive_sees_nothing(
         latency["max_ms"].as_f64().unwrap() <= bound + 50.0,
         "{latency}"
     );
+    // "connection <id> to <addr> is dead: ...", once for each of the 20 connections.
+    let dead: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains(" is dead"))
+        .filter_map(|l| l.split("connection ").nth(1)?.split(' ').next())
+        .collect();
+    let distinct: std::collections::HashSet<&str> = dead.iter().copied().collect();
     assert_eq!(
-        stderr.matches("is dead").count(),
-        20,
-        "each dead connection is reported: {stderr}"
+        (dead.len(), distinct.len()),
+        (20, 20),
+        "each connection is reported dead exactly once: {stderr}"
     );
 
     // Frozen for over 5 s by now: kernel keepalive (1 s + 2 x 1 s) would have given up on a
