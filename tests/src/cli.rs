@@ -5,6 +5,8 @@ use std::{
     process::{Child, Command, Output, Stdio},
 };
 
+use std::collections::HashSet;
+
 use crate::{Source, root_or_skip};
 
 /// The `lull` binary under test: `$LULL_BIN` (set by `cargo xtask test`), else the workspace's
@@ -93,10 +95,29 @@ pub fn source_flag(source: Source, test: &str) -> Option<&'static str> {
     }
 }
 
-/// Programs named like lull's that are loaded in the kernel now.
-pub fn lull_programs() -> usize {
+/// The ids of the programs named like lull's that are loaded in the kernel now, from any
+/// process: other lull runs on this host count too.
+pub fn lull_programs() -> HashSet<u32> {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("lull_")))
-        .count()
+        .map(|p| p.id())
+        .collect()
+}
+
+/// The ids of lull's programs that process `pid` holds (through a program or link fd, from
+/// its fdinfo): what that process attached, whatever other processes do meanwhile.
+pub fn lull_programs_of(pid: u32) -> HashSet<u32> {
+    let held: HashSet<u32> = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|fd| std::fs::read_to_string(fd.path()).ok())
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("prog_id:"))
+                .and_then(|id| id.trim().parse().ok())
+        })
+        .collect();
+    lull_programs().intersection(&held).copied().collect()
 }

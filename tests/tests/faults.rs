@@ -15,7 +15,7 @@ use lull::{
 use lull_harness::{Behaviour, PeerServer, peer::PONG};
 use lull_tests::{
     Source, assert_exactly_once, assert_source_kept, both_sources,
-    cli::{lull_bin, lull_programs, lull_report, scratch, spawn_long_ebpf_demo},
+    cli::{lull_bin, lull_programs, lull_programs_of, lull_report, scratch, spawn_long_ebpf_demo},
     engine,
     netns::NetnsPair,
     percentile, root_or_skip, serial, wait_until, watch_n,
@@ -357,17 +357,21 @@ fn sigkill_leaves_nothing_behind_and_the_next_start_works() {
     if !root_or_skip("sigkill_leaves_nothing_behind_and_the_next_start_works") {
         return;
     }
-    let before = lull_programs();
     for round in 0..2 {
         let mut child = spawn_long_ebpf_demo(300);
+        let mut attached = HashSet::new();
         assert!(
-            wait_until(Duration::from_secs(10), || lull_programs() == before + 3),
-            "round {round}: attached"
+            wait_until(Duration::from_secs(10), || {
+                attached = lull_programs_of(child.id());
+                attached.len() == 3
+            }),
+            "round {round}: attached {attached:?}"
         );
         let _ = child.kill(); // SIGKILL
         let _ = child.wait();
         assert!(
-            wait_until(Duration::from_secs(5), || lull_programs() == before),
+            wait_until(Duration::from_secs(5), || lull_programs()
+                .is_disjoint(&attached)),
             "round {round}: programs left behind"
         );
     }
