@@ -92,7 +92,8 @@ fn sigint_stops_cleanly_and_leaves_no_bpf_behind() {
         }),
         "lull attached its three programs: {attached:?}"
     );
-    std::thread::sleep(Duration::from_secs(1));
+    // Into the run proper, past the connection setup.
+    std::thread::sleep(Duration::from_secs(3));
     let started = Instant::now();
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
@@ -110,6 +111,12 @@ fn sigint_stops_cleanly_and_leaves_no_bpf_behind() {
     assert!(
         stdout.contains("(interrupted)"),
         "the final report is printed: {stdout}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.trim_start().starts_with("activity source") && l.contains(" ebpf (")),
+        "the run ended on eBPF: {stdout}"
     );
     let left: Vec<_> = lull_programs().intersection(&attached).copied().collect();
     assert!(left.is_empty(), "lull's programs {left:?} outlived it");
