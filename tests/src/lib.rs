@@ -5,10 +5,10 @@
 
 pub mod cli;
 pub mod netns;
-pub mod peers;
 pub mod servers;
 
 use std::{
+    collections::{HashMap, HashSet},
     io::{Read, Write},
     net::{TcpListener, TcpStream},
     sync::{Mutex, MutexGuard, PoisonError},
@@ -16,8 +16,8 @@ use std::{
 };
 
 use lull::{
-    Engine, EngineBuilder, SourceChoice,
-    activity::{ActivityTable, TableOptions},
+    ConnId, Engine, EngineBuilder, Policy, SourceChoice, Watched,
+    activity::{ActivityTable, SourceKind, TableOptions},
 };
 
 /// Set to `1` (as `.ci/run` does) to make "eBPF unavailable" fail the test instead of skipping.
@@ -28,26 +28,19 @@ pub fn ebpf_required() -> bool {
     std::env::var(REQUIRE_EBPF).is_ok_and(|v| v == "1")
 }
 
-/// This process's resident memory, in bytes. Panics if it cannot be read: a reading of 0
-/// would make every growth check pass.
-pub fn rss_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").expect("reading /proc/self/statm");
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .expect("resident pages in /proc/self/statm");
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    pages * u64::try_from(page).expect("the page size")
-}
-
-/// File descriptors this process has open. Panics if they cannot be listed: a count of 0
-/// would make every leak check pass.
-pub fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .expect("listing /proc/self/fd")
-        .count()
+/// Whether this process is root, which loading eBPF and `--user` need. Otherwise explains
+/// loudly why the test is skipped, or fails it if eBPF is required.
+pub fn root_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        !ebpf_required(),
+        "{test}: needs root, and {REQUIRE_EBPF}=1 forbids skipping"
+    );
+    eprintln!("SKIPPED {test}: needs root");
+    false
 }
 
 /// Loads an activity table for a test, or explains loudly why the test is skipped.
@@ -80,6 +73,19 @@ pub fn tcp_pair() -> (TcpStream, TcpStream) {
     ours.set_nodelay(true).expect("TCP_NODELAY");
     peer.set_nodelay(true).expect("TCP_NODELAY");
     (ours, peer)
+}
+
+/// Opens `n` connections to `peer` and watches each with `policy`.
+pub fn watch_n(
+    engine: &Engine,
+    peer: &lull_harness::PeerServer,
+    n: usize,
+    policy: &Policy,
+) -> Vec<Watched<TcpStream>> {
+    peer.connect(n)
+        .into_iter()
+        .map(|(s, _)| engine.watch(s, policy).expect("watch"))
+        .collect()
 }
 
 /// Writes `bytes` on `from` and reads them on `to`, so both sides' stacks have processed them.
@@ -117,6 +123,75 @@ pub enum Source {
     Ebpf,
     /// The TCP_INFO fallback.
     TcpInfo,
+}
+
+impl Source {
+    /// What an engine built on this source reports as its source.
+    pub fn kind(self) -> SourceKind {
+        match self {
+            Self::Ebpf => SourceKind::Ebpf,
+            Self::TcpInfo => SourceKind::TcpInfo,
+        }
+    }
+}
+
+/// Whether `engine` still reads `want`, as a sentence if not.
+///
+/// An engine whose eBPF programs went away switches to `TCP_INFO` and carries on, and most
+/// scenarios pass on that source too: a test that does not look at the end would pass
+/// without having tested eBPF. [`assert_source_kept`] is the form for tests; the soak, which
+/// lists its problems, uses this one.
+pub fn source_kept(engine: &Engine, want: SourceKind) -> Result<(), String> {
+    let (now, reported) = (engine.source_kind(), engine.stats().source);
+    if now == want && reported == Some(want) {
+        Ok(())
+    } else {
+        Err(format!(
+            "the engine started on the {want} source and ended on {now} (its stats say \
+             {reported:?}): it fell back during the test"
+        ))
+    }
+}
+
+/// Asserts, at the end of a test, that `engine` still reads `want` (see [`source_kept`]).
+#[track_caller]
+pub fn assert_source_kept(engine: &Engine, want: SourceKind) {
+    if let Err(why) = source_kept(engine, want) {
+        panic!("{why}");
+    }
+}
+
+/// Asserts that `reported` names every connection of `expected` exactly once, and no other.
+///
+/// Counting events is not enough: a connection reported twice hides one never reported.
+#[track_caller]
+pub fn assert_exactly_once(
+    what: &str,
+    reported: impl IntoIterator<Item = ConnId>,
+    expected: &HashSet<ConnId>,
+) {
+    let mut times: HashMap<ConnId, usize> = HashMap::new();
+    for id in reported {
+        *times.entry(id).or_default() += 1;
+    }
+    let twice: Vec<_> = times.iter().filter(|(_, n)| **n > 1).collect();
+    let extra: Vec<_> = times.keys().filter(|id| !expected.contains(id)).collect();
+    let missing: Vec<_> = expected
+        .iter()
+        .filter(|id| !times.contains_key(id))
+        .collect();
+    assert!(
+        twice.is_empty() && extra.is_empty() && missing.is_empty(),
+        "{what}: of {} expected connections, {} reported more than once (e.g. {:?}), {} \
+         reported that were not expected (e.g. {:?}), {} never reported (e.g. {:?})",
+        expected.len(),
+        twice.len(),
+        &twice[..twice.len().min(3)],
+        extra.len(),
+        &extra[..extra.len().min(3)],
+        missing.len(),
+        &missing[..missing.len().min(3)],
+    );
 }
 
 /// An engine on `source`, configured by `builder`; `None` (with a loud message) when the

@@ -3,11 +3,13 @@
 
 use std::{
     fs::File,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, TcpStream},
     os::fd::AsRawFd,
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
 };
+
+use lull_harness::{Behaviour, PeerServer, socket::listener};
 
 use crate::{REQUIRE_EBPF, ebpf_required};
 
@@ -109,6 +111,24 @@ impl NetnsPair {
                 })
                 .join()
                 .expect("the namespace thread panicked")
+        })
+    }
+
+    /// A peer with `behaviour`, listening in `b`.
+    pub fn peer_in_b(&self, behaviour: Behaviour) -> PeerServer {
+        let listener = self.within(&self.b, || {
+            listener((self.addr_b, 0).into()).expect("a listener in b")
+        });
+        PeerServer::start_on(listener, behaviour)
+    }
+
+    /// `n` connections from `a` to `peer` (in `b`), across the veth.
+    pub fn connect_from_a(&self, peer: &PeerServer, n: usize) -> Vec<TcpStream> {
+        let addr = peer.addr();
+        self.within(&self.a, || {
+            (0..n)
+                .map(|_| TcpStream::connect(addr).expect("connect across the veth"))
+                .collect()
         })
     }
 

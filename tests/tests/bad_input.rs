@@ -11,10 +11,10 @@ use std::{
 };
 
 use lull::{Engine, Policy, PolicyError, WatchError, activity::ActivityError};
+use lull_harness::{Behaviour, PeerServer, peer::PONG};
 use lull_tests::{
-    Source, both_sources, ebpf_table, engine,
-    peers::{Behaviour, PeerServer},
-    serial, tcp_pair, transfer, wait_until,
+    Source, assert_source_kept, both_sources, ebpf_table, engine, serial, tcp_pair, transfer,
+    wait_until, watch_n,
 };
 
 fn policy() -> Policy {
@@ -126,6 +126,8 @@ fn bad_streams_are_refused_with_typed_errors(source: Source) {
         0,
         "nothing refused was registered"
     );
+    assert_source_kept(&engine, source.kind());
+    assert_source_kept(&other, source.kind());
 }
 
 both_sources!(a_full_engine_refuses_new_streams_and_keeps_serving_its_own);
@@ -134,12 +136,8 @@ fn a_full_engine_refuses_new_streams_and_keeps_serving_its_own(source: Source) {
     let Some(engine) = engine("full engine", source, Engine::builder().capacity(8)) else {
         return;
     };
-    let peer = PeerServer::start(Behaviour::Answer(b"+PONG\r\n"));
-    let mut watched: Vec<_> = peer
-        .connect(8)
-        .into_iter()
-        .map(|(s, _)| engine.watch(s, &policy()).unwrap())
-        .collect();
+    let peer = PeerServer::start(Behaviour::Answer(PONG));
+    let mut watched = watch_n(&engine, &peer, 8, &policy());
     let (extra, _) = peer.connect_one();
     let err = engine
         .watch(extra.try_clone().unwrap(), &policy())
@@ -156,6 +154,7 @@ fn a_full_engine_refuses_new_streams_and_keeps_serving_its_own(source: Source) {
     assert!(wait_until(Duration::from_secs(3), || engine
         .watch(extra.try_clone().unwrap(), &policy())
         .is_ok()));
+    assert_source_kept(&engine, source.kind());
 }
 
 #[test]

@@ -6,13 +6,12 @@ use std::{
     io::{Read, Write},
     net::TcpStream,
     os::fd::AsRawFd,
-    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use lull::activity::{TcpState, tcp_info};
 use lull_tests::{
-    cli::{lull_bin, report, scratch},
+    cli::{lull_report, report, scratch, spawn_lull},
     serial,
     servers::Server,
 };
@@ -48,21 +47,27 @@ fn closed_by_server(conns: &[TcpStream]) -> usize {
         .count()
 }
 
-fn run_lull(args: &[&str], json: &std::path::Path) -> serde_json::Value {
-    let out = Command::new(lull_bin())
-        .arg("run")
-        .args(args)
-        .args(["--quiet", "--json", json.to_str().unwrap()])
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run lull");
-    assert!(
-        out.status.success(),
-        "lull failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+/// `lull run --connect addr` holding `n` connections for `duration`, probing each after 1 s
+/// of silence with `probe` (the `--probe` flag and any it needs); checks that none was
+/// closed or found dead and that each answered at least four probes.
+fn assert_lull_holds(addr: &str, n: u64, probe: &[&str], duration: &str, server: &str) {
+    let conns = n.to_string();
+    let mut args = vec!["run", "--connect", addr, "--conns", &conns];
+    args.extend_from_slice(probe);
+    args.extend(["--idle", "1s", "--interval", "500ms"]);
+    args.extend(["--duration", duration, "--quiet"]);
+    let r = lull_report(&args, &scratch(&format!("{server}-hold.json")));
+    assert_eq!(r["connections"], n);
+    assert_eq!(
+        r["closed"]["found"], 0,
+        "{server} closed connections lull was keeping alive"
     );
-    report(json)
+    assert_eq!(r["dead"]["found"], 0);
+    assert!(
+        r["probes_answered"].as_u64().unwrap() >= n * 4,
+        "{server} answered too few probes: {}",
+        r["probes_answered"]
+    );
 }
 
 #[test]
@@ -73,35 +78,7 @@ fn redis_connections_outlive_the_server_timeout() {
         return;
     };
     let without = plain(&redis.addr(), 50, |_| {});
-    let json = scratch("redis-hold.json");
-    let r = run_lull(
-        &[
-            "--connect",
-            &redis.addr(),
-            "--conns",
-            "50",
-            "--probe",
-            "redis",
-            "--idle",
-            "1s",
-            "--interval",
-            "500ms",
-            "--duration",
-            "8s",
-        ],
-        &json,
-    );
-    assert_eq!(r["connections"], 50);
-    assert_eq!(
-        r["closed"]["found"], 0,
-        "redis closed connections lull was keeping alive"
-    );
-    assert_eq!(r["dead"]["found"], 0);
-    assert!(
-        r["probes_answered"].as_u64().unwrap() >= 50 * 4,
-        "PINGs were answered: {}",
-        r["probes_answered"]
-    );
+    assert_lull_holds(&redis.addr(), 50, &["--probe", "redis"], "8s", "redis");
     assert_eq!(
         closed_by_server(&without),
         50,
@@ -143,36 +120,8 @@ fn mosquitto_connections_outlive_the_keepalive_rule() {
         counter.set(counter.get() + 1);
         connect(s, &format!("plain-{}", counter.get()));
     });
-    let json = scratch("mosquitto-hold.json");
-    let r = run_lull(
-        &[
-            "--connect",
-            &broker.addr(),
-            "--conns",
-            "30",
-            "--mqtt-keepalive",
-            "2",
-            "--probe",
-            "mqtt",
-            "--idle",
-            "1s",
-            "--interval",
-            "500ms",
-            "--duration",
-            "9s",
-        ],
-        &json,
-    );
-    assert_eq!(r["connections"], 30);
-    assert_eq!(
-        r["closed"]["found"], 0,
-        "the broker dropped connections lull kept alive"
-    );
-    assert_eq!(r["dead"]["found"], 0);
-    assert!(
-        r["probes_answered"].as_u64().unwrap() >= 30 * 4,
-        "PINGREQs were answered"
-    );
+    let probe = ["--mqtt-keepalive", "2", "--probe", "mqtt"];
+    assert_lull_holds(&broker.addr(), 30, &probe, "9s", "mosquitto");
     assert_eq!(
         closed_by_server(&without),
         30,
@@ -198,32 +147,26 @@ fn a_frozen_server_is_dead_within_the_bound_while_kernel_keepalive_sees_nothing(
     .unwrap();
 
     let json = scratch("redis-frozen.json");
-    let child = Command::new(lull_bin())
-        .args([
-            "run",
-            "--connect",
-            &redis.addr(),
-            "--conns",
-            "20",
-            "--probe",
-            "redis",
-        ])
-        .args([
-            "--idle",
-            "1s",
-            "--interval",
-            "500ms",
-            "--count",
-            "3",
-            "--duration",
-            "8s",
-        ])
-        .args(["--quiet", "--json", json.to_str().unwrap()])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start lull");
+    let child = spawn_lull(&[
+        "run",
+        "--connect",
+        &redis.addr(),
+        "--conns",
+        "20",
+        "--probe",
+        "redis",
+        "--idle",
+        "1s",
+        "--interval",
+        "500ms",
+        "--count",
+        "3",
+        "--duration",
+        "8s",
+        "--quiet",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
     std::thread::sleep(Duration::from_millis(2_500));
     let frozen = Instant::now();
     redis.signal(libc::SIGSTOP);
@@ -243,10 +186,17 @@ fn a_frozen_server_is_dead_within_the_bound_while_kernel_keepalive_sees_nothing(
         latency["max_ms"].as_f64().unwrap() <= bound + 50.0,
         "{latency}"
     );
+    // "connection <id> to <addr> is dead: ...", once for each of the 20 connections.
+    let dead: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains(" is dead"))
+        .filter_map(|l| l.split("connection ").nth(1)?.split(' ').next())
+        .collect();
+    let distinct: std::collections::HashSet<&str> = dead.iter().copied().collect();
     assert_eq!(
-        stderr.matches("is dead").count(),
-        20,
-        "each dead connection is reported: {stderr}"
+        (dead.len(), distinct.len()),
+        (20, 20),
+        "each connection is reported dead exactly once: {stderr}"
     );
 
     // Frozen for over 5 s by now: kernel keepalive (1 s + 2 x 1 s) would have given up on a

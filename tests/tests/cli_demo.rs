@@ -1,40 +1,19 @@
 //! `lull run` (the demonstration) end to end: its report matches the population it started,
-//! it stops cleanly on SIGINT, it drops privileges with --user, and it serves metrics.
+//! it stops cleanly on SIGINT, and it drops privileges with --user.
 
 use std::{
-    io::{Read, Write},
-    net::TcpStream,
-    process::{Command, Stdio},
+    collections::HashSet,
     time::{Duration, Instant},
 };
 
 use lull_tests::{
     Source, both_sources,
-    cli::{lull, lull_bin, report, scratch},
-    ebpf_required, serial,
-    servers::free_port,
+    cli::{
+        lull, lull_programs, lull_programs_of, report, scratch, source_flag, spawn_long_ebpf_demo,
+        spawn_lull,
+    },
+    root_or_skip, serial, wait_until,
 };
-
-/// Programs named like lull's that are loaded in the kernel now.
-fn lull_programs() -> usize {
-    aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("lull_")))
-        .count()
-}
-
-/// `--source` for a test source; `None` (skip) when eBPF is wanted but this is not root.
-fn source_flag(source: Source, test: &str) -> Option<&'static str> {
-    match source {
-        Source::TcpInfo => Some("tcp-info"),
-        // SAFETY: geteuid has no preconditions.
-        Source::Ebpf if unsafe { libc::geteuid() } != 0 && !ebpf_required() => {
-            eprintln!("SKIPPED {test}: eBPF needs root");
-            None
-        }
-        Source::Ebpf => Some("ebpf"),
-    }
-}
 
 both_sources!(demo_report_matches_the_population);
 fn demo_report_matches_the_population(source: Source) {
@@ -101,33 +80,20 @@ fn demo_report_matches_the_population(source: Source) {
 #[test]
 fn sigint_stops_cleanly_and_leaves_no_bpf_behind() {
     let _serial = serial();
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 && !ebpf_required() {
-        eprintln!("SKIPPED sigint_stops_cleanly_and_leaves_no_bpf_behind: needs root");
+    if !root_or_skip("sigint_stops_cleanly_and_leaves_no_bpf_behind") {
         return;
     }
-    let before = lull_programs();
-    let child = Command::new(lull_bin())
-        .args([
-            "run",
-            "--conns",
-            "500",
-            "--duration",
-            "60s",
-            "--source",
-            "ebpf",
-            "--quiet",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start lull");
-    std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(
-        lull_programs(),
-        before + 3,
-        "lull attached its three programs"
+    let child = spawn_long_ebpf_demo(500);
+    let mut attached = HashSet::new();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            attached = lull_programs_of(child.id());
+            attached.len() == 3
+        }),
+        "lull attached its three programs: {attached:?}"
     );
+    // Into the run proper, past the connection setup.
+    std::thread::sleep(Duration::from_secs(3));
     let started = Instant::now();
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
@@ -146,50 +112,41 @@ fn sigint_stops_cleanly_and_leaves_no_bpf_behind() {
         stdout.contains("(interrupted)"),
         "the final report is printed: {stdout}"
     );
-    assert_eq!(
-        lull_programs(),
-        before,
-        "lull's programs must be gone after exit"
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.trim_start().starts_with("activity source") && l.contains(" ebpf (")),
+        "the run ended on eBPF: {stdout}"
     );
+    let left: Vec<_> = lull_programs().intersection(&attached).copied().collect();
+    assert!(left.is_empty(), "lull's programs {left:?} outlived it");
 }
 
 #[test]
 fn user_drops_to_nobody_with_no_capabilities_and_keeps_working() {
     let _serial = serial();
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(!ebpf_required(), "--user needs root to test");
-        eprintln!(
-            "SKIPPED user_drops_to_nobody_with_no_capabilities_and_keeps_working: needs root"
-        );
+    if !root_or_skip("user_drops_to_nobody_with_no_capabilities_and_keeps_working") {
         return;
     }
     let json = scratch("user.json");
-    let child = Command::new(lull_bin())
-        .args([
-            "run",
-            "--conns",
-            "500",
-            "--duration",
-            "7s",
-            "--idle",
-            "1s",
-            "--interval",
-            "300ms",
-        ])
-        .args([
-            "--source",
-            "ebpf",
-            "--user",
-            "nobody",
-            "--quiet",
-            "--json",
-            json.to_str().unwrap(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start lull");
+    let child = spawn_lull(&[
+        "run",
+        "--conns",
+        "500",
+        "--duration",
+        "7s",
+        "--idle",
+        "1s",
+        "--interval",
+        "300ms",
+        "--source",
+        "ebpf",
+        "--user",
+        "nobody",
+        "--quiet",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
     std::thread::sleep(Duration::from_secs(3));
     let pid = child.id();
     let mut threads = 0;
@@ -250,56 +207,4 @@ fn user_drops_to_nobody_with_no_capabilities_and_keeps_working() {
         r["mismatches"]
     );
     assert_eq!(r["dead"]["found"], 5);
-}
-
-#[test]
-fn metrics_are_served_in_prometheus_text_on_localhost() {
-    let _serial = serial();
-    let port = free_port();
-    let child = Command::new(lull_bin())
-        .args([
-            "run",
-            "--conns",
-            "300",
-            "--duration",
-            "5s",
-            "--idle",
-            "1s",
-            "--interval",
-            "300ms",
-        ])
-        .args(["--quiet", "--metrics", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start lull");
-    std::thread::sleep(Duration::from_secs(3));
-    let mut conn = TcpStream::connect(("127.0.0.1", port)).expect("a bare port binds 127.0.0.1");
-    conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut body = String::new();
-    conn.read_to_string(&mut body).unwrap();
-    for needle in [
-        "200 OK",
-        "openmetrics-text",
-        "lull_probes_sent_total ",
-        "lull_connections{state=\"watching\"}",
-        "lull_connections{state=\"probing\"}",
-        "lull_deaths_total",
-        "lull_detection_latency_seconds_bucket",
-        "lull_activity_source{source=",
-    ] {
-        assert!(body.contains(needle), "metrics lack {needle}:\n{body}");
-    }
-    let sent: f64 = body
-        .lines()
-        .find_map(|l| l.strip_prefix("lull_probes_sent_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("a probes counter");
-    assert!(sent > 0.0, "probes are counted");
-    let out = child.wait_with_output().expect("wait for lull");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }

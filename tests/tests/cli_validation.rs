@@ -1,7 +1,7 @@
 //! `lull run` refuses bad input with one line naming the field and exit code 2, never a
 //! panic; the config file mirrors the flags, and flags win.
 
-use lull_tests::cli::{lull, report, scratch};
+use lull_tests::cli::{lull, lull_report, scratch};
 
 /// Runs `lull` and checks the refusal: exit code 2, one `error:` line naming `field`.
 fn refused(args: &[&str], field: &str) -> String {
@@ -104,23 +104,18 @@ fn config_file_mirrors_flags_and_flags_win() {
     )
     .unwrap();
     let json = scratch("mirror.json");
-    let out = lull(&[
-        "run",
-        "--config",
-        config.to_str().unwrap(),
-        "--conns",
-        "30",
-        "--interval",
-        "300ms",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let r = lull_report(
+        &[
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--conns",
+            "30",
+            "--interval",
+            "300ms",
+        ],
+        &json,
     );
-    let r = report(&json);
     assert_eq!(r["connections"], 30, "the flag wins over the file");
     assert_eq!(
         r["policy"]["interval_ms"], 300,

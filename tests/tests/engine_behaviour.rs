@@ -5,15 +5,14 @@
 //! reported.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     time::{Duration, Instant},
 };
 
 use lull::{CloseReason, ConnId, Engine, Event, Payload, Policy, Probe, Watched};
+use lull_harness::{Behaviour, PeerServer, peer::PONG};
 use lull_tests::{
-    Source, both_sources, engine,
-    peers::{Behaviour, PeerServer},
-    percentile, serial,
+    Source, assert_exactly_once, assert_source_kept, both_sources, engine, percentile, serial,
 };
 
 const N: usize = 2_000;
@@ -52,15 +51,22 @@ fn watch_all(
         .collect()
 }
 
-/// Collects events until `done` says so or `timeout` passes.
+/// Collects events until `done` says so or `timeout` passes, then for one more `INTERVAL * 2`,
+/// so that an event reported twice (a dead connection's timer keeps firing every interval) or
+/// one too many is seen too.
 fn collect(
     engine: &Engine,
     timeout: Duration,
     mut done: impl FnMut(&[(Instant, Event)]) -> bool,
 ) -> Vec<(Instant, Event)> {
-    let deadline = Instant::now() + timeout;
+    let mut deadline = Instant::now() + timeout;
     let mut events = Vec::new();
-    while !done(&events) {
+    let mut lingering = false;
+    loop {
+        if !lingering && done(&events) {
+            lingering = true;
+            deadline = Instant::now() + INTERVAL * 2;
+        }
         let now = Instant::now();
         if now >= deadline {
             break;
@@ -97,6 +103,7 @@ fn busy_connections_receive_zero_probes(source: Source) {
         &events[..events.len().min(5)]
     );
     assert_eq!(stats.watched, N as u64);
+    assert_source_kept(&engine, source.kind());
 }
 
 both_sources!(idle_answering_peers_are_probed_every_idle_and_never_dead);
@@ -106,7 +113,7 @@ fn idle_answering_peers_are_probed_every_idle_and_never_dead(source: Source) {
     let Some(engine) = engine(name, source, builder()) else {
         return;
     };
-    let peer = PeerServer::start(Behaviour::Answer(b"+PONG\r\n"));
+    let peer = PeerServer::start(Behaviour::Answer(PONG));
     let policy = policy();
     let watched = watch_all(&engine, &peer, N, &policy);
     std::thread::sleep(IDLE * 3 + IDLE / 3);
@@ -158,6 +165,7 @@ fn idle_answering_peers_are_probed_every_idle_and_never_dead(source: Source) {
         .filter(|e| matches!(e, Event::Dead { .. }))
         .collect();
     assert!(dead.is_empty(), "answering peers reported dead: {dead:?}");
+    assert_source_kept(&engine, source.kind());
 }
 
 both_sources!(silent_peers_are_dead_within_the_bound);
@@ -179,15 +187,18 @@ fn silent_peers_are_dead_within_the_bound(source: Source) {
         match event {
             Event::Dead { id, probes, .. } => {
                 assert_eq!(*probes, COUNT, "dead after {probes} probes");
-                latencies.push(at.duration_since(since[id]));
+                if let Some(since) = since.get(id) {
+                    latencies.push(at.duration_since(*since));
+                }
             }
             other => panic!("unexpected event for a silent peer: {other:?}"),
         }
     }
-    assert_eq!(
-        latencies.len(),
-        N,
-        "every silent peer is reported dead exactly once"
+    let silent: HashSet<ConnId> = since.keys().copied().collect();
+    assert_exactly_once(
+        &format!("{source:?}: silent peers reported dead"),
+        events.iter().map(|(_, e)| e.id()),
+        &silent,
     );
     latencies.sort();
     let (p50, p99, max) = (
@@ -213,6 +224,7 @@ fn silent_peers_are_dead_within_the_bound(source: Source) {
         assert_eq!(w.stats().probes_answered, 0);
     }
     assert_eq!(peer.total_bytes(), 0, "the silent peer never reads");
+    assert_source_kept(&engine, source.kind());
 }
 
 both_sources!(closing_peers_yield_closed_not_dead);
@@ -236,15 +248,25 @@ fn closing_peers_yield_closed_not_dead(source: Source) {
     let events = collect(&engine, policy.detection_bound() * 2, |events| {
         events.len() >= N
     });
+    let closing: HashSet<ConnId> = fin_watched
+        .iter()
+        .chain(&rst_watched)
+        .map(|(w, ..)| w.id())
+        .collect();
     let mut reasons: HashMap<ConnId, CloseReason> = HashMap::new();
     for (_, event) in &events {
         match event {
             Event::Closed { id, reason } => {
-                assert!(reasons.insert(*id, *reason).is_none(), "closed twice")
+                reasons.insert(*id, *reason);
             }
             other => panic!("a closing peer must yield Closed, got {other:?}"),
         }
     }
+    assert_exactly_once(
+        &format!("{source:?}: closing peers reported closed"),
+        events.iter().map(|(_, e)| e.id()),
+        &closing,
+    );
     for (w, ..) in &fin_watched {
         assert_eq!(
             reasons.get(&w.id()),
@@ -262,6 +284,7 @@ fn closing_peers_yield_closed_not_dead(source: Source) {
         assert!(ok, "{source:?}: reset peer gave {reason:?}");
     }
     assert_eq!(engine.stats().dead, 0);
+    assert_source_kept(&engine, source.kind());
 }
 
 both_sources!(keep_warm_sends_one_probe_per_interval_of_tx_silence);
@@ -311,6 +334,7 @@ fn keep_warm_sends_one_probe_per_interval_of_tx_silence(source: Source) {
         &bad_counts[..bad_counts.len().min(5)]
     );
     assert_eq!(engine.stats().dead, 0, "keep-warm never reports dead");
+    assert_source_kept(&engine, source.kind());
 }
 
 /// Bytes waiting in a socket's receive queue (`FIONREAD`).
@@ -330,12 +354,12 @@ fn drain_discards_what_the_peer_sends(source: Source) {
     let Some(engine) = engine(name, source, builder()) else {
         return;
     };
-    let peer = PeerServer::start(Behaviour::Answer(b"+PONG\r\n"));
+    let peer = PeerServer::start(Behaviour::Answer(PONG));
     let n = 200;
     let drained = watch_all(&engine, &peer, n, &policy().with_drain(true));
     let kept = watch_all(&engine, &peer, n, &policy());
     std::thread::sleep(IDLE * 3);
-    let reply = 7;
+    let reply = PONG.len() as i32;
     for (w, ..) in &drained {
         let s = w.stats();
         assert!(
@@ -356,6 +380,7 @@ fn drain_discards_what_the_peer_sends(source: Source) {
             "{source:?}: an undrained socket must keep every reply, has {left}"
         );
     }
+    assert_source_kept(&engine, source.kind());
 }
 
 /// Checks probe gaps against their window. Never early: a gap below `low` is an engine bug,

@@ -10,15 +10,15 @@ use std::{
 };
 
 use lull::{
-    ActivityMode, CloseReason, Engine, Event, Payload, Policy, Probe, activity::SourceKind,
+    ActivityMode, CloseReason, ConnId, Engine, Event, Payload, Policy, Probe, activity::SourceKind,
 };
+use lull_harness::{Behaviour, PeerServer, peer::PONG};
 use lull_tests::{
-    Source, both_sources,
-    cli::lull_bin,
-    ebpf_required, engine,
+    Source, assert_exactly_once, assert_source_kept, both_sources,
+    cli::{lull_bin, lull_programs, lull_programs_of, lull_report, scratch, spawn_long_ebpf_demo},
+    engine,
     netns::NetnsPair,
-    peers::{Behaviour, PeerServer},
-    percentile, serial, wait_until,
+    percentile, root_or_skip, serial, wait_until, watch_n,
 };
 
 const IDLE: Duration = Duration::from_millis(1_000);
@@ -28,24 +28,41 @@ fn policy() -> Policy {
     Policy::detect_dead(IDLE, INTERVAL, 3).with_probe(Probe::Bytes(Payload::redis_ping()))
 }
 
-/// Waits for `n` events matching `want`, panicking on any other; returns their arrival times.
+/// Waits for `n` events matching `want`, panicking on any other, then listens for one more
+/// `INTERVAL` so that a connection reported twice, or one too many, is seen too. Returns the
+/// connection of each matching event and when it arrived.
 fn expect_events(
     engine: &Engine,
     n: usize,
     within: Duration,
     want: impl Fn(&Event) -> bool,
-) -> Vec<Instant> {
+) -> Vec<(ConnId, Instant)> {
     let deadline = Instant::now() + within;
-    let mut at = Vec::new();
-    while at.len() < n {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match engine.events().recv_timeout(left) {
-            Ok(e) if want(&e) => at.push(Instant::now()),
+    let mut got = Vec::new();
+    let mut linger = None;
+    loop {
+        if linger.is_none() && got.len() >= n {
+            linger = Some(Instant::now() + INTERVAL);
+        }
+        let until = linger.unwrap_or(deadline);
+        match engine
+            .events()
+            .recv_timeout(until.saturating_duration_since(Instant::now()))
+        {
+            Ok(e) if want(&e) => got.push((e.id(), Instant::now())),
             Ok(other) => panic!("unexpected event {other:?}"),
-            Err(_) => panic!("only {} of {n} expected events within {within:?}", at.len()),
+            Err(_) if linger.is_some() => return got,
+            Err(_) => panic!(
+                "only {} of {n} expected events within {within:?}",
+                got.len()
+            ),
         }
     }
-    at
+}
+
+/// The ids of `watched`.
+fn ids<T: std::os::fd::AsFd>(watched: &[lull::Watched<T>]) -> HashSet<ConnId> {
+    watched.iter().map(lull::Watched::id).collect()
 }
 
 /// A peer in its own process (`lull peer`), so it can be frozen with SIGSTOP while its kernel
@@ -93,10 +110,15 @@ fn a_frozen_peer_process_is_dead_within_the_bound(source: Source) {
     unsafe { libc::kill(peer.id() as libc::pid_t, libc::SIGSTOP) };
     let frozen = Instant::now();
     let bound = policy().detection_bound();
-    let at = expect_events(&engine, watched.len(), bound * 2, |e| {
+    let dead = expect_events(&engine, watched.len(), bound * 2, |e| {
         matches!(e, Event::Dead { .. })
     });
-    let mut latency: Vec<Duration> = at.iter().map(|t| t.duration_since(frozen)).collect();
+    assert_exactly_once(
+        &format!("{source:?}: connections to the frozen peer reported dead"),
+        dead.iter().map(|(id, _)| *id),
+        &ids(&watched),
+    );
+    let mut latency: Vec<Duration> = dead.iter().map(|(_, t)| t.duration_since(frozen)).collect();
     latency.sort();
     eprintln!(
         "{source:?}: SIGSTOP -> dead: p50 {:?} p99 {:?} max {:?} (bound {bound:?})",
@@ -109,6 +131,7 @@ fn a_frozen_peer_process_is_dead_within_the_bound(source: Source) {
     unsafe { libc::kill(peer.id() as libc::pid_t, libc::SIGCONT) };
     let _ = peer.kill();
     let _ = peer.wait();
+    assert_source_kept(&engine, source.kind());
 }
 
 /// A blackholed path with unacknowledged data in flight: `mode` picks what counts as activity.
@@ -121,22 +144,14 @@ fn blackhole(source: Source, activity: ActivityMode, kernel: bool) {
     let Some(engine) = engine(name, source, Engine::builder().capacity(1024)) else {
         return;
     };
-    let listener = pair.within(&pair.b, || {
-        lull_tests::peers::listener((pair.addr_b, 0).into())
-    });
-    let peer = PeerServer::start_on(listener, Behaviour::Answer(b"+PONG\r\n"));
-    let addr = peer.addr();
+    let peer = pair.peer_in_b(Behaviour::Answer(PONG));
     let mut policy = policy().with_activity(activity);
     if kernel {
         policy = Policy::detect_dead(Duration::from_secs(1), Duration::from_secs(1), 2)
             .with_probe(Probe::Kernel);
     }
     let mut watched: Vec<_> = pair
-        .within(&pair.a, || {
-            (0..50)
-                .map(|_| TcpStream::connect(addr).unwrap())
-                .collect::<Vec<_>>()
-        })
+        .connect_from_a(&peer, 50)
         .into_iter()
         .map(|s| engine.watch(s, &policy).unwrap())
         .collect();
@@ -164,15 +179,20 @@ fn blackhole(source: Source, activity: ActivityMode, kernel: bool) {
     } else {
         Duration::from_millis(50)
     };
-    let at = expect_events(&engine, watched.len(), bound * 3, |e| {
+    let dead = expect_events(&engine, watched.len(), bound * 3, |e| {
         if std::env::var_os("LULL_TEST_DEBUG").is_some() {
             eprintln!("{:?} {e:?}", blackholed.elapsed());
         }
         matches!(e, Event::Dead { .. })
     });
-    let worst = at
+    assert_exactly_once(
+        &format!("{source:?} {activity:?} kernel={kernel}: blackholed connections reported dead"),
+        dead.iter().map(|(id, _)| *id),
+        &ids(&watched),
+    );
+    let worst = dead
         .iter()
-        .map(|t| t.duration_since(blackholed))
+        .map(|(_, t)| t.duration_since(blackholed))
         .max()
         .unwrap();
     eprintln!(
@@ -183,6 +203,7 @@ fn blackhole(source: Source, activity: ActivityMode, kernel: bool) {
         worst <= bound + slack,
         "{source:?}: detection stalled: {worst:?} > {bound:?} + {slack:?}"
     );
+    assert_source_kept(&engine, source.kind());
 }
 
 both_sources!(blackhole_with_unacked_data_rx_mode);
@@ -209,26 +230,30 @@ fn local_half_close_is_closed_not_dead(source: Source) {
         return;
     };
     let peer = PeerServer::start(Behaviour::Silent);
-    let watched: Vec<_> = peer
-        .connect(20)
-        .into_iter()
-        .map(|(s, _)| engine.watch(s, &policy()).unwrap())
-        .collect();
+    let watched = watch_n(&engine, &peer, 20, &policy());
     for w in &watched {
         w.shutdown(std::net::Shutdown::Write).unwrap();
     }
-    let ids: HashSet<_> = watched.iter().map(|w| w.id()).collect();
-    expect_events(
-        &engine,
-        20,
-        IDLE * 2,
-        |e| matches!(e, Event::Closed { id, reason: CloseReason::LocalClose } if ids.contains(id)),
+    let closed = expect_events(&engine, 20, IDLE * 2, |e| {
+        matches!(
+            e,
+            Event::Closed {
+                reason: CloseReason::LocalClose,
+                ..
+            }
+        )
+    });
+    assert_exactly_once(
+        &format!("{source:?}: half-closed connections reported closed"),
+        closed.iter().map(|(id, _)| *id),
+        &ids(&watched),
     );
     assert_eq!(
         engine.stats().probes_sent,
         0,
         "a closing connection is not probed"
     );
+    assert_source_kept(&engine, source.kind());
 }
 
 /// Records everything logged, so a test can count lines (the engine logs from its own thread,
@@ -266,13 +291,9 @@ fn detached_programs_switch_the_engine_to_tcp_info_without_losing_a_connection()
     let Some(engine) = engine(name, Source::Ebpf, Engine::builder().capacity(1024)) else {
         return;
     };
-    let answering = PeerServer::start(Behaviour::Answer(b"+PONG\r\n"));
+    let answering = PeerServer::start(Behaviour::Answer(PONG));
     let silent = PeerServer::start(Behaviour::Silent);
-    let alive: Vec<_> = answering
-        .connect(200)
-        .into_iter()
-        .map(|(s, _)| engine.watch(s, &policy()).unwrap())
-        .collect();
+    let alive = watch_n(&engine, &answering, 200, &policy());
     let links = engine.source().link_ids();
     assert_eq!(links.len(), 3);
 
@@ -303,18 +324,15 @@ fn detached_programs_switch_the_engine_to_tcp_info_without_losing_a_connection()
         "the engine must notice"
     );
     // Connections watched before still work, and the fallback still finds dead peers.
-    let dead: Vec<_> = silent
-        .connect(20)
-        .into_iter()
-        .map(|(s, _)| engine.watch(s, &policy()).unwrap())
-        .collect();
-    let ids: HashSet<_> = dead.iter().map(|w| w.id()).collect();
+    let dead = watch_n(&engine, &silent, 20, &policy());
     let before: u32 = alive.iter().map(|w| w.stats().probes_answered).sum();
-    expect_events(
-        &engine,
-        20,
-        policy().detection_bound() * 3,
-        |e| matches!(e, Event::Dead { id, .. } if ids.contains(id)),
+    let reported = expect_events(&engine, 20, policy().detection_bound() * 3, |e| {
+        matches!(e, Event::Dead { .. })
+    });
+    assert_exactly_once(
+        "connections to the silent peer, watched after the fallback, reported dead",
+        reported.iter().map(|(id, _)| *id),
+        &ids(&dead),
     );
     let after: u32 = alive.iter().map(|w| w.stats().probes_answered).sum();
     assert!(
@@ -329,54 +347,38 @@ fn detached_programs_switch_the_engine_to_tcp_info_without_losing_a_connection()
         1,
         "logged once: {text}"
     );
+    // The one test that must end on the fallback.
+    assert_source_kept(&engine, SourceKind::TcpInfo);
 }
 
 #[test]
 fn sigkill_leaves_nothing_behind_and_the_next_start_works() {
     let _serial = serial();
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(!ebpf_required(), "needs root");
-        eprintln!("SKIPPED sigkill_leaves_nothing_behind: needs root");
+    if !root_or_skip("sigkill_leaves_nothing_behind_and_the_next_start_works") {
         return;
     }
-    let count = || {
-        aya::programs::loaded_programs()
-            .filter_map(Result::ok)
-            .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("lull_")))
-            .count()
-    };
-    let before = count();
     for round in 0..2 {
-        let mut child = Command::new(lull_bin())
-            .args([
-                "run",
-                "--conns",
-                "300",
-                "--duration",
-                "60s",
-                "--source",
-                "ebpf",
-                "--quiet",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start lull");
+        let mut child = spawn_long_ebpf_demo(300);
+        let mut attached = HashSet::new();
         assert!(
-            wait_until(Duration::from_secs(10), || count() == before + 3),
-            "round {round}: attached"
+            wait_until(Duration::from_secs(10), || {
+                attached = lull_programs_of(child.id());
+                attached.len() == 3
+            }),
+            "round {round}: attached {attached:?}"
         );
         let _ = child.kill(); // SIGKILL
         let _ = child.wait();
         assert!(
-            wait_until(Duration::from_secs(5), || count() == before),
+            wait_until(Duration::from_secs(5), || lull_programs()
+                .is_disjoint(&attached)),
             "round {round}: programs left behind"
         );
     }
-    // And a normal run still starts and finishes.
-    let out = Command::new(lull_bin())
-        .args([
+    // And a normal run still starts and finishes, on eBPF to its end.
+    let json = scratch("after-sigkill.json");
+    let r = lull_report(
+        &[
             "run",
             "--conns",
             "100",
@@ -385,14 +387,13 @@ fn sigkill_leaves_nothing_behind_and_the_next_start_works() {
             "--source",
             "ebpf",
             "--quiet",
-        ])
-        .args(["--hung", "0", "--closing", "0"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+            "--hung",
+            "0",
+            "--closing",
+            "0",
+        ],
+        &json,
     );
+    assert_eq!(r["source"], "ebpf");
     assert!(TcpListener::bind("127.0.0.1:0").is_ok());
 }

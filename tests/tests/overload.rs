@@ -10,8 +10,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lull::{Engine, Policy, SourceChoice, activity::SimulatedSource, clock::monotonic_ns};
-use lull_tests::{rss_bytes, serial, wait_until};
+use lull::{
+    Engine, Policy, SourceChoice,
+    activity::{SimulatedSource, SourceKind},
+    clock::monotonic_ns,
+};
+use lull_harness::process::rss_bytes;
+use lull_tests::{assert_source_kept, serial, wait_until};
 
 const N: u32 = 1_000_000;
 
@@ -25,7 +30,7 @@ fn herd(max_probes_per_tick: u32) -> lull::EngineStats {
         .build()
         .unwrap();
     let policy = Policy::detect_dead(Duration::from_secs(2), Duration::from_secs(1), 3);
-    let rss_before = rss_bytes();
+    let rss_before = rss_bytes().expect("resident memory");
     let now = monotonic_ns();
     let conns: Vec<_> = (0..N)
         .map(|_| engine.watch_virtual(&policy, now).unwrap())
@@ -38,7 +43,10 @@ fn herd(max_probes_per_tick: u32) -> lull::EngineStats {
         engine.stats()
     );
     let stats = engine.stats();
-    let rss = rss_bytes().saturating_sub(rss_before) as f64 / f64::from(N);
+    let rss = rss_bytes()
+        .expect("resident memory")
+        .saturating_sub(rss_before) as f64
+        / f64::from(N);
     eprintln!(
         "herd of {N} (bound {max_probes_per_tick}/tick): all probed {:?} after registration; \
          most probes in one tick {}, longest turn {} µs CPU ({} µs wall), RSS {rss:.0} B/conn",
@@ -52,6 +60,7 @@ fn herd(max_probes_per_tick: u32) -> lull::EngineStats {
     // with room for allocator and page rounding, but nothing proportional to the herd's size.
     assert!(rss < 200.0, "{rss:.0} B per connection");
     drop(conns);
+    assert_source_kept(&engine, SourceKind::Simulated);
     stats
 }
 
