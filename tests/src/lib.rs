@@ -3,6 +3,7 @@
 //!
 //! Every test here touches only loopback addresses or network namespaces it creates itself.
 
+pub mod cgroups;
 pub mod cli;
 pub mod netns;
 pub mod servers;
@@ -17,7 +18,7 @@ use std::{
 
 use lull::{
     ConnId, Engine, EngineBuilder, Policy, SourceChoice, Watched,
-    activity::{ActivityTable, SourceKind, TableOptions},
+    activity::{ActivityTable, CgroupScope, SourceKind, TableOptions},
 };
 
 /// Set to `1` (as `.ci/run` does) to make "eBPF unavailable" fail the test instead of skipping.
@@ -48,8 +49,14 @@ pub fn root_or_skip(test: &str) -> bool {
 /// With `LULL_REQUIRE_EBPF=1` a failure to load is a test failure, so CI can never pass by
 /// skipping.
 pub fn ebpf_table(test: &str, capacity: u32) -> Option<ActivityTable> {
+    ebpf_table_in(test, capacity, CgroupScope::default())
+}
+
+/// [`ebpf_table`] with its programs attached to `cgroup`.
+pub fn ebpf_table_in(test: &str, capacity: u32, cgroup: CgroupScope) -> Option<ActivityTable> {
     let options = TableOptions {
         capacity,
+        cgroup,
         ..TableOptions::default()
     };
     match ActivityTable::load(&options) {

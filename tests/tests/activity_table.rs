@@ -2,8 +2,8 @@
 
 use std::{io::Write, net::Shutdown, os::fd::AsFd, time::Duration};
 
-use lull::activity::flags;
-use lull_tests::{ebpf_table, tcp_pair, transfer, wait_until};
+use lull::activity::{CgroupScope, flags, tcp_info};
+use lull_tests::{cgroups::TestCgroup, ebpf_table, ebpf_table_in, tcp_pair, transfer, wait_until};
 use socket2::SockRef;
 
 const WAIT: Duration = Duration::from_secs(2);
@@ -95,10 +95,18 @@ fn unregistered_socket_is_never_recorded() {
 
 #[test]
 fn socket_opened_before_attach_is_tracked_once_registered() {
+    // The programs see sockets of the cgroup they attach to: open the pair in a cgroup the
+    // table will attach to later.
+    let cgroup = TestCgroup::new("before-attach");
+    cgroup.enter();
     let (mut ours, mut peer) = tcp_pair();
+    cgroup.leave();
     transfer(&mut peer, &mut ours, b"before the program existed");
-    let Some(table) = ebpf_table("socket_opened_before_attach_is_tracked_once_registered", 8)
-    else {
+    let Some(table) = ebpf_table_in(
+        "socket_opened_before_attach_is_tracked_once_registered",
+        8,
+        CgroupScope::Path(cgroup.path().into()),
+    ) else {
         return;
     };
     let slot = table.register(ours.as_fd()).expect("register");
@@ -167,6 +175,13 @@ fn reused_slot_never_shows_old_stamps() {
         a.last_rx_ns != 0 && a.last_tx_ns != 0
     }));
 
+    // The peer acknowledges "old" before the next registration: tx counts acknowledgements,
+    // and one arriving late would rightly stamp whoever holds the row then.
+    assert!(wait_until(WAIT, || tcp_info(old.as_fd())
+        .unwrap()
+        .tcpi_unacked
+        == 0));
+
     // Unregister without dropping the socket's storage: the old socket keeps a stale link to
     // the slot, and only the generation check keeps its packets out of the new owner's row.
     table.unregister(first);
@@ -206,6 +221,10 @@ fn reused_slot_never_shows_old_stamps() {
     // Unregistering with the socket drops its storage; re-registering the old socket (whose
     // storage is stale) takes the slot over cleanly.
     table.unregister_socket(second, new.as_fd());
+    assert!(wait_until(WAIT, || tcp_info(old.as_fd())
+        .unwrap()
+        .tcpi_unacked
+        == 0));
     let third = table
         .register(old.as_fd())
         .expect("re-register the old socket");

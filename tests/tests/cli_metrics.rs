@@ -278,11 +278,21 @@ fn check_against_report(page: &Page, r: &Value, flag: &str) {
     for (metric, field) in [
         ("lull_probes_sent_total", &r["probes_sent"]),
         ("lull_probes_answered_total", &r["probes_answered"]),
-        ("lull_deaths_total", &r["dead"]["found"]),
         ("lull_closed_total", &r["closed"]["found"]),
     ] {
         assert_eq!(page.get_sample(metric), as_f64(field), "{metric}");
     }
+    // Deaths by the tier that caught them: both series exist, each equal to the report's.
+    let deaths = page.series("lull_deaths_total", "");
+    for tier in ["transport", "application"] {
+        assert_eq!(
+            deaths.get(&format!("{{tier=\"{tier}\"}}")).copied(),
+            as_f64(&r["dead_by_tier"][tier]).into(),
+            "lull_deaths_total{{tier={tier}}}: {deaths:?}"
+        );
+    }
+    assert_eq!(deaths.len(), 2, "{deaths:?}");
+    assert_eq!(deaths.values().sum::<f64>(), as_f64(&r["dead"]["found"]));
     assert!(page.get_sample("lull_probes_answered_total") > 0.0);
     assert_eq!(page.connections("dead"), dead, "dead and still watched");
     assert_eq!(

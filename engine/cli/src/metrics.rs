@@ -28,6 +28,11 @@ struct StateLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TierLabel {
+    tier: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SourceLabel {
     source: String,
 }
@@ -37,7 +42,7 @@ pub struct Metrics {
     connections: Family<StateLabel, Gauge>,
     probes_sent: Counter,
     probes_answered: Counter,
-    deaths: Counter,
+    deaths: Family<TierLabel, Counter>,
     closed: Counter,
     wakeups: Counter,
     wakeups_rearmed: Counter,
@@ -59,7 +64,7 @@ impl Metrics {
             connections: Family::default(),
             probes_sent: Counter::default(),
             probes_answered: Counter::default(),
-            deaths: Counter::default(),
+            deaths: Family::default(),
             closed: Counter::default(),
             wakeups: Counter::default(),
             wakeups_rearmed: Counter::default(),
@@ -78,7 +83,12 @@ impl Metrics {
             "Probes answered by the peer",
             metrics.probes_answered.clone(),
         );
-        registry.register("deaths", "Dead-peer verdicts", metrics.deaths.clone());
+        registry.register(
+            "deaths",
+            "Dead-peer verdicts, by the tier that caught them (transport: the kernel gave up; \
+             application: lull's probes went unanswered)",
+            metrics.deaths.clone(),
+        );
         registry.register("closed", "Connections found closed", metrics.closed.clone());
         registry.register("wakeups", "Timer expiries", metrics.wakeups.clone());
         registry.register(
@@ -140,7 +150,15 @@ impl Metrics {
             .inc_by(stats.probes_sent - last.probes_sent);
         self.probes_answered
             .inc_by(stats.probes_answered - last.probes_answered);
-        self.deaths.inc_by(stats.dead - last.dead);
+        for (tier, now, before) in [
+            ("transport", stats.dead_transport, last.dead_transport),
+            ("application", stats.dead_application, last.dead_application),
+        ] {
+            // Created at 0 even before the first death, so that a scrape sees both series.
+            self.deaths
+                .get_or_create(&TierLabel { tier })
+                .inc_by(now - before);
+        }
         self.closed.inc_by(stats.closed - last.closed);
         self.wakeups.inc_by(stats.wakeups - last.wakeups);
         self.wakeups_rearmed

@@ -117,7 +117,7 @@ pub fn run(session: &Session<'_>, target: &Connect) -> Result<Report> {
         }
     }
     let n = u64::from(config.conns);
-    let mut tracker = Tracker::new(policy.detection_bound(), n as usize);
+    let mut tracker = Tracker::new(policy, n as usize);
     let mut live: HashMap<ConnId, Watched<TcpStream>> = HashMap::with_capacity(n as usize);
     let mut serial = 0u64;
     let rss_before = lull_harness::process::rss_bytes()?;
@@ -222,6 +222,7 @@ pub fn run(session: &Session<'_>, target: &Connect) -> Result<Report> {
         policy,
         connections: n,
         by_role: BTreeMap::new(),
+        idle_probes: None,
         expected_dead: None,
         expected_closed: None,
         reconnects,

@@ -144,7 +144,8 @@ pub fn run(session: &Session<'_>, population: Population) -> Result<Report> {
     let policy = &config.policy;
     let n = u64::from(config.conns);
     let duration = config.duration.context("the demo needs a duration")?;
-    let bound = policy.detection_bound();
+    // The demo's dead are hung applications: the application tier's bound.
+    let bound = policy.hung_bound();
     let margin = (duration / 10).max(Duration::from_secs(1));
     let ms = |d: Duration| d.as_millis() as u64;
     let hang_to = duration.saturating_sub(bound + margin);
@@ -152,7 +153,7 @@ pub fn run(session: &Session<'_>, population: Population) -> Result<Report> {
     if population.hung > 0.0 && hang_to < margin {
         tracing::warn!(
             "--duration {duration:?} is too short for hung peers to be found: detection takes up to \
-             idle + count * interval = {bound:?}"
+             the policy's bound = {bound:?}"
         );
     }
     let script = Script {
@@ -176,7 +177,7 @@ pub fn run(session: &Session<'_>, population: Population) -> Result<Report> {
     let outside = session.cgroup.map(|c| c.outside_procs()).transpose()?;
     let peers = spawn_population(processes, &script, outside)?;
 
-    let mut tracker = Tracker::new(bound, n as usize);
+    let mut tracker = Tracker::new(policy, n as usize);
     let mut handles: Vec<Watched<TcpStream>> = Vec::with_capacity(n as usize);
     let rss_before = lull_harness::process::rss_bytes()?;
     let setup = Instant::now();
@@ -245,8 +246,16 @@ pub fn run(session: &Session<'_>, population: Population) -> Result<Report> {
         );
         tracker.finish_progress();
     }
+    // Answering peers are idle between probes: their probe rate is what the policy promises.
+    let answering: Vec<_> = handles
+        .iter()
+        .zip(&roles)
+        .filter(|(_, role)| **role == Role::Answering)
+        .map(|(w, _)| u64::from(w.stats().probes_sent))
+        .collect();
     let facts = JobFacts {
         job: "demo",
+        idle_probes: Some((answering.iter().sum(), answering.len() as u64)),
         policy,
         connections: handles.len() as u64,
         by_role,

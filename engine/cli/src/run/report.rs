@@ -2,7 +2,7 @@
 
 use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
 
-use lull::{EngineGroup, EngineStats};
+use lull::{DeadTier, EngineGroup, EngineStats};
 use serde::Serialize;
 
 use super::tracker::Tracker;
@@ -25,12 +25,21 @@ pub struct Latency {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
-    /// The policy's bound, `idle + count * interval`.
+    /// The policy's bound for the verdicts measured: the hung bound (for a tiered policy,
+    /// `hung_after`; otherwise the dead bound).
     pub bound_ms: f64,
+    /// The dead bound of the transport tier, for a tiered policy.
+    pub transport_bound_ms: Option<f64>,
     pub over_bound: u64,
 }
 
-/// The whole report.
+/// Probes per idle connection-hour, measured and nominal.
+#[derive(Debug, Serialize)]
+pub struct ProbeRate {
+    pub measured_per_conn_hour: f64,
+    pub nominal_per_conn_hour: f64,
+}
+
 /// The policy the run used.
 #[derive(Debug, Serialize)]
 pub struct PolicyReport {
@@ -40,6 +49,7 @@ pub struct PolicyReport {
     pub count: u32,
     pub jitter: f64,
     pub probe: String,
+    pub hung_after_ms: Option<u64>,
 }
 
 impl PolicyReport {
@@ -50,6 +60,7 @@ impl PolicyReport {
             interval_ms: p.interval.as_millis() as u64,
             count: p.count,
             jitter: p.jitter,
+            hung_after_ms: p.hung_after.map(|d| d.as_millis() as u64),
             probe: match &p.probe {
                 lull::Probe::Bytes(payload) => format!("{payload:?}"),
                 lull::Probe::Kernel => "kernel".into(),
@@ -74,7 +85,16 @@ pub struct Report {
     pub probes_deferred: u64,
     pub wakeups: u64,
     pub wakeups_found_traffic: u64,
+    /// Probes per connection-hour to connections whose peer answered and sent nothing else
+    /// (the demo's answering peers), against the policy's nominal rate, `3600 / period`.
+    pub idle_probe_rate: Option<ProbeRate>,
+    /// Reads submitted to drain what peers sent, and firings that needed none.
+    pub drains: u64,
+    pub drains_skipped: u64,
     pub dead: Outcome,
+    /// Dead verdicts by the tier that caught them: `transport` (the kernel gave up) and
+    /// `application` (lull's probes went unanswered).
+    pub dead_by_tier: BTreeMap<String, u64>,
     pub closed: Outcome,
     pub revived: u64,
     pub reconnects: u64,
@@ -104,6 +124,8 @@ pub struct JobFacts<'a> {
     pub policy: &'a lull::Policy,
     pub connections: u64,
     pub by_role: BTreeMap<Role, u64>,
+    /// Probes sent to idle answering connections, and how many there were.
+    pub idle_probes: Option<(u64, u64)>,
     pub expected_dead: Option<u64>,
     pub expected_closed: Option<u64>,
     pub reconnects: u64,
@@ -184,7 +206,11 @@ pub fn build(engine: &EngineGroup, tracker: &Tracker, facts: JobFacts<'_>) -> Re
         p50_ms: ms(h.value_at_quantile(0.50)),
         p99_ms: ms(h.value_at_quantile(0.99)),
         max_ms: ms(h.max()),
-        bound_ms: tracker_bound_ms(tracker),
+        bound_ms: tracker.bound(DeadTier::Application).as_secs_f64() * 1e3,
+        transport_bound_ms: facts
+            .policy
+            .hung_after
+            .map(|_| tracker.bound(DeadTier::Transport).as_secs_f64() * 1e3),
         over_bound: tracker.over_bound,
     });
     let conn_hours = facts.connections as f64 * facts.elapsed.as_secs_f64() / 3_600.0;
@@ -206,7 +232,24 @@ pub fn build(engine: &EngineGroup, tracker: &Tracker, facts: JobFacts<'_>) -> Re
         probes_deferred: stats.probes_deferred,
         wakeups: stats.wakeups,
         wakeups_found_traffic: stats.wakeups_rearmed,
+        idle_probe_rate: facts
+            .idle_probes
+            .filter(|&(_, conns)| conns > 0 && facts.elapsed > Duration::ZERO)
+            .map(|(probes, conns)| ProbeRate {
+                measured_per_conn_hour: probes as f64 * 3_600.0
+                    / (conns as f64 * facts.elapsed.as_secs_f64()),
+                nominal_per_conn_hour: 3_600.0 / facts.policy.nominal_probe_period().as_secs_f64(),
+            }),
+        drains: stats.drains,
+        drains_skipped: stats.drains_skipped,
         dead,
+        dead_by_tier: [
+            (DeadTier::Transport, tracker.by_tier[0]),
+            (DeadTier::Application, tracker.by_tier[1]),
+        ]
+        .into_iter()
+        .map(|(tier, n)| (tier.name().to_string(), n))
+        .collect(),
         closed,
         revived: tracker.revived,
         reconnects: facts.reconnects,
@@ -231,10 +274,6 @@ pub fn build(engine: &EngineGroup, tracker: &Tracker, facts: JobFacts<'_>) -> Re
     }
 }
 
-fn tracker_bound_ms(tracker: &Tracker) -> f64 {
-    tracker.bound().as_secs_f64() * 1e3
-}
-
 impl Report {
     /// The readable table.
     pub fn to_table(&self) -> String {
@@ -245,8 +284,15 @@ impl Report {
         row(
             "policy",
             format!(
-                "{}, idle {} ms, interval {} ms, count {}, jitter {}, probe {}",
-                p.mode, p.idle_ms, p.interval_ms, p.count, p.jitter, p.probe
+                "{}, idle {} ms, interval {} ms, count {}, jitter {}, probe {}{}",
+                p.mode,
+                p.idle_ms,
+                p.interval_ms,
+                p.count,
+                p.jitter,
+                p.probe,
+                p.hung_after_ms
+                    .map_or(String::new(), |ms| format!(", hung after {ms} ms (tiered)"))
             ),
         );
         row(
@@ -303,7 +349,27 @@ impl Report {
             ),
             None => o.found.to_string(),
         };
-        row("dead", outcome(&self.dead, "hung"));
+        let tiers: Vec<String> = self
+            .dead_by_tier
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(tier, n)| format!("{n} {tier}"))
+            .collect();
+        let tiers = if tiers.is_empty() {
+            String::new()
+        } else {
+            format!(" (by tier: {})", tiers.join(", "))
+        };
+        row("dead", outcome(&self.dead, "hung") + &tiers);
+        if let Some(rate) = &self.idle_probe_rate {
+            row(
+                "idle probe rate",
+                format!(
+                    "{:.1} per connection-hour (nominal {:.1}: one per period the policy sets)",
+                    rate.measured_per_conn_hour, rate.nominal_per_conn_hour
+                ),
+            );
+        }
         row("closed", outcome(&self.closed, "closing"));
         if self.revived > 0 {
             row("revived", self.revived.to_string());

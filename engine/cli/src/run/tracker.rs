@@ -8,7 +8,7 @@ use std::{
 };
 
 use hdrhistogram::Histogram;
-use lull::{ConnId, EngineStats, Event};
+use lull::{ConnId, DeadTier, EngineStats, Event, Policy};
 
 use crate::schedule::Role;
 
@@ -35,33 +35,38 @@ pub struct Tracker {
     /// Detection latency in microseconds: from the hang (demo) or from the last payload
     /// (--connect) to the verdict.
     pub latency_us: Histogram<u64>,
-    /// Latencies above the policy bound.
+    /// Dead verdicts by tier: transport, application.
+    pub by_tier: [u64; 2],
+    /// Latencies above the policy's bound for their tier.
     pub over_bound: u64,
-    bound: Duration,
+    /// The policy's bounds: transport tier (the dead bound), application tier (hung bound).
+    bounds: [Duration; 2],
     last_progress: (Instant, u64),
     pub progress_lines: u64,
     tty: bool,
 }
 
 impl Tracker {
-    pub fn new(bound: Duration, expected_conns: usize) -> Self {
+    /// A tracker for connections watched with `policy`.
+    pub fn new(policy: &Policy, expected_conns: usize) -> Self {
         Self {
             expect: HashMap::with_capacity(expected_conns),
             found: BTreeMap::new(),
             revived: 0,
             latency_us: Histogram::new_with_bounds(1, 3_600_000_000, 3)
                 .expect("valid histogram bounds"),
+            by_tier: [0; 2],
             over_bound: 0,
-            bound,
+            bounds: [policy.detection_bound(), policy.hung_bound()],
             last_progress: (Instant::now(), 0),
             progress_lines: 0,
             tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         }
     }
 
-    /// The policy's detection bound.
-    pub fn bound(&self) -> Duration {
-        self.bound
+    /// The policy's bound for a verdict of `tier`.
+    pub fn bound(&self, tier: DeadTier) -> Duration {
+        self.bounds[tier_index(tier)]
     }
 
     /// Registers a watched connection with its role and, for a hung peer, its hang instant.
@@ -79,15 +84,16 @@ impl Tracker {
         let expect = self.expect.get(&event.id());
         let role = expect.and_then(|e| e.role);
         match *event {
-            Event::Dead { after, .. } => {
+            Event::Dead { after, tier, .. } => {
                 self.found.entry(role).or_default().dead += 1;
+                self.by_tier[tier_index(tier)] += 1;
                 // The demo knows when the peer hung; --connect knows the silence lull measured.
                 let latency = match expect.and_then(|e| e.hangs_at) {
                     Some(hung) => at.saturating_duration_since(hung),
                     None => after,
                 };
                 let _ = self.latency_us.record((latency.as_micros() as u64).max(1));
-                if latency > self.bound + Duration::from_millis(50) {
+                if latency > self.bound(tier) + Duration::from_millis(50) {
                     self.over_bound += 1;
                 }
                 Some(latency)
@@ -172,5 +178,12 @@ impl Tracker {
         if self.tty && self.progress_lines > 0 {
             eprintln!();
         }
+    }
+}
+
+fn tier_index(tier: DeadTier) -> usize {
+    match tier {
+        DeadTier::Transport => 0,
+        DeadTier::Application => 1,
     }
 }
