@@ -170,12 +170,17 @@ impl ConnStatsCell {
         self.rtt_us.store(0, Ordering::Relaxed);
     }
 
+    // Only the engine thread writes a cell: a load and a store, not a locked add (see
+    // `add_single_writer`).
     pub(crate) fn add_sent(&self) {
-        self.sent.fetch_add(1, Ordering::Relaxed);
+        let sent = self.sent.load(Ordering::Relaxed);
+        self.sent.store(sent.wrapping_add(1), Ordering::Relaxed);
     }
 
     pub(crate) fn add_answered(&self, rtt_ns: u64) {
-        self.answered.fetch_add(1, Ordering::Relaxed);
+        let answered = self.answered.load(Ordering::Relaxed);
+        self.answered
+            .store(answered.wrapping_add(1), Ordering::Relaxed);
         let us = (rtt_ns / 1_000).min(u64::from(u32::MAX - 1)) as u32;
         self.rtt_us.store(us + 1, Ordering::Relaxed);
     }
@@ -271,7 +276,42 @@ impl EngineStats {
     }
 }
 
-/// The engine's counters, written by its thread with relaxed adds and read by anyone.
+/// Adds `n` to a counter that only the engine thread writes, with a load and a store rather
+/// than a locked read-modify-write: readers still see whole values, and a locked RMW on a
+/// cache line that missed stalls the engine for the whole miss, where a store does not.
+#[inline]
+pub(crate) fn add_single_writer(counter: &AtomicU64, n: u64) {
+    counter.store(
+        counter.load(Ordering::Relaxed).wrapping_add(n),
+        Ordering::Relaxed,
+    );
+}
+
+/// [`add_single_writer`] by one.
+#[inline]
+pub(crate) fn bump(counter: &AtomicU64) {
+    add_single_writer(counter, 1);
+}
+
+/// Takes one from a gauge that only the engine thread writes (see [`add_single_writer`]).
+#[inline]
+pub(crate) fn drop_one(gauge: &AtomicU64) {
+    gauge.store(
+        gauge.load(Ordering::Relaxed).wrapping_sub(1),
+        Ordering::Relaxed,
+    );
+}
+
+/// Raises a maximum that only the engine thread writes (see [`add_single_writer`]).
+#[inline]
+pub(crate) fn raise_to(max: &AtomicU64, value: u64) {
+    if value > max.load(Ordering::Relaxed) {
+        max.store(value, Ordering::Relaxed);
+    }
+}
+
+/// The engine's counters, written by its thread alone (see [`add_single_writer`]) and read
+/// by anyone.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     pub(crate) watched: AtomicU64,

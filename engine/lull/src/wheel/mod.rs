@@ -340,13 +340,20 @@ impl TimingWheel {
     /// Moves the wheel to the start of `expiration`'s slot and hands the slot's timers to the
     /// cascade list, from which [`poll_within`](Self::poll_within) re-files them: the due ones
     /// to the pending list, the rest into finer slots (or, for a far deadline, back into the top
-    /// level). Moving the whole list first also matters for a top-level slot, whose far timers
+    /// level). A level-0 slot's timers are all due: they go to the pending list at once. Moving the whole list first also matters for a top-level slot, whose far timers
     /// go straight back into the same slot.
     fn process(&mut self, expiration: Expiration) {
         debug_assert!(expiration.deadline >= self.elapsed);
         self.elapsed = expiration.deadline;
         self.levels.vacate(expiration.level, expiration.slot);
+        // A level-0 slot is one tick wide: every timer in it is due now, and goes straight to
+        // the pending list rather than through the cascade (an unlink and a link each).
+        let to = if expiration.level == 0 {
+            PENDING
+        } else {
+            CASCADE
+        };
         self.slab
-            .splice(slot_list(expiration.level, expiration.slot), CASCADE);
+            .splice(slot_list(expiration.level, expiration.slot), to);
     }
 }

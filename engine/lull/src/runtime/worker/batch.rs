@@ -11,7 +11,7 @@
 //!   completed (see the ground rules in `shared`); [`ProbeBatch::finish`] releases each slot
 //!   once.
 
-use std::{collections::HashMap, os::fd::RawFd, sync::atomic::Ordering};
+use std::{collections::HashMap, os::fd::RawFd};
 
 use crate::{
     activity::SlotAllocator,
@@ -22,6 +22,7 @@ use super::{
     super::{
         CloseReason, ConnId,
         conn::{Arm, ConnState},
+        events::{bump, raise_to},
     },
     VIRTUAL_FD, Worker, release,
 };
@@ -246,10 +247,10 @@ impl Worker {
             return;
         }
         // Once per batch rather than per probe: the tick's count only grows until the next tick.
-        self.shared
-            .counters
-            .max_probes_per_tick
-            .fetch_max(u64::from(self.batch.sent_this_tick()), Ordering::Relaxed);
+        raise_to(
+            &self.shared.counters.max_probes_per_tick,
+            u64::from(self.batch.sent_this_tick()),
+        );
         let results = self.batch.submit();
         for result in &results {
             self.complete(result, now);
@@ -279,19 +280,13 @@ impl Worker {
                 let written = self.conns[local].resume as u32 + n as u32;
                 self.restore(local, undo);
                 self.conns[local].resume = written.min(u32::from(u8::MAX)) as u8;
-                self.shared
-                    .counters
-                    .probes_deferred
-                    .fetch_add(1, Ordering::Relaxed);
+                bump(&self.shared.counters.probes_deferred);
                 self.rearm(local, Arm::exact(now + self.placement.tick_ns()));
             }
             e if e == -libc::EAGAIN || e == -libc::EWOULDBLOCK || e == 0 => {
                 // A full send buffer: not idle. Try again an interval later, uncounted.
                 self.restore(local, undo);
-                self.shared
-                    .counters
-                    .probes_deferred
-                    .fetch_add(1, Ordering::Relaxed);
+                bump(&self.shared.counters.probes_deferred);
                 self.rearm(local, Arm::exact(now + policy.interval_ns));
             }
             e if [

@@ -41,6 +41,7 @@ use crate::{
 use self::{batch::ProbeBatch, placement::Placement};
 use super::{
     conn::{Arm, CompiledPolicy, ConnState, Phase, ProbeKind},
+    events::{bump, drop_one, raise_to},
     shared::{Command, Shared},
 };
 
@@ -154,12 +155,11 @@ impl Worker {
                 self.housekeeping(now);
             }
             let counters = &self.shared.counters;
-            counters
-                .max_loop_us
-                .fetch_max((monotonic_ns() - turn_start) / 1_000, Ordering::Relaxed);
-            counters
-                .max_loop_cpu_us
-                .fetch_max((thread_cpu_ns() - turn_cpu) / 1_000, Ordering::Relaxed);
+            raise_to(&counters.max_loop_us, (monotonic_ns() - turn_start) / 1_000);
+            raise_to(
+                &counters.max_loop_cpu_us,
+                (thread_cpu_ns() - turn_cpu) / 1_000,
+            );
 
             let now = monotonic_ns();
             let wake_ns = if self.commands.is_empty() {
@@ -270,7 +270,7 @@ impl Worker {
         self.conns[local] = ConnState::new(fd, timer, policy, phase);
         // Watched from now: what arrives later is news (the source's stamps start at `now`).
         self.conns[local].set_mark(now);
-        self.shared.counters.watched.fetch_add(1, Ordering::Relaxed);
+        bump(&self.shared.counters.watched);
     }
 
     fn unwatch(&mut self, slot: Slot) {
@@ -282,7 +282,7 @@ impl Worker {
             c.fd = FREE_FD;
             self.wheel.remove(old.timer);
             self.ungauge(old.phase());
-            self.shared.counters.watched.fetch_sub(1, Ordering::Relaxed);
+            drop_one(&self.shared.counters.watched);
         }
         if let Some(cell) = self.shared.stats.get(local) {
             cell.reset();
@@ -318,6 +318,9 @@ impl Worker {
                 }
                 self.shared.slots.prefetch(local);
                 self.source.prefetch(self.shared.slot_base + local);
+                if let Some(cell) = self.shared.stats.get(local as usize) {
+                    crate::memory::prefetch(cell);
+                }
                 due[n] = local;
                 n += 1;
             }
@@ -352,10 +355,7 @@ impl Worker {
                 .get(local)
                 .is_some_and(|c| c.fd != FREE_FD && c.phase() != Phase::Inert)
             {
-                self.shared
-                    .counters
-                    .wakeups_noticed
-                    .fetch_add(1, Ordering::Relaxed);
+                bump(&self.shared.counters.wakeups_noticed);
                 self.fire(local, now);
             }
         }
@@ -381,7 +381,7 @@ impl Worker {
             // Dropped: the Unwatch command is on its way and will free the entry.
             return;
         }
-        self.shared.counters.wakeups.fetch_add(1, Ordering::Relaxed);
+        bump(&self.shared.counters.wakeups);
         let p = self.policies[c.policy as usize];
         let mut queued = false;
         if c.resume != 0 && c.phase() != Phase::Inert {
@@ -405,9 +405,9 @@ impl Worker {
             let counters = &self.shared.counters;
             if arrived && self.batch.push_drain(local, c.fd) {
                 queued = true;
-                counters.drains.fetch_add(1, Ordering::Relaxed);
+                bump(&counters.drains);
             } else if !arrived {
-                counters.drains_skipped.fetch_add(1, Ordering::Relaxed);
+                bump(&counters.drains_skipped);
             }
         }
         if queued {

@@ -56,11 +56,16 @@ impl Placement {
     /// Picks the moment an arm fires, in ns, inside its window `[at - early, at]`.
     ///
     /// A random point spreads connections that went idle together (a burst of registrations
-    /// does not probe in one tick, and stays spread). That point is then snapped down onto the
-    /// coalescing grid when the window allows, so connections due around the same time share
-    /// a wake-up of the engine: on a VM each wake-up costs tens of microseconds, and at a
-    /// million connections they would otherwise come every tick. Nothing fires later than
-    /// `at`, so no bound moves.
+    /// does not probe in one tick, and stays spread). That point is then moved to the nearest
+    /// point of a grid inside the window, so connections due around the same time share a
+    /// wake-up of the engine: on a VM each wake-up costs tens of microseconds, and at a million
+    /// connections they would otherwise come every tick. The grid is the coalescing grid, or,
+    /// when the window is wide enough, the width of a level-1 or level-2 slot of the wheel:
+    /// a deadline on a slot boundary is due the moment its slot comes up, so it skips the
+    /// finer levels' cascades (each a move between two lists of timers scattered over memory,
+    /// most of the engine's cost at a million connections). Nearest, not down: the mean
+    /// firing time stays where the random point put it. Nothing fires later than `at`, so no
+    /// bound moves.
     pub(super) fn place(&mut self, arm: Arm) -> u64 {
         if arm.early == 0 {
             return arm.at;
@@ -72,29 +77,40 @@ impl Placement {
         self.rng ^= self.rng >> 27;
         let r = self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 32;
         let point = lo + ((u128::from(r) * u128::from(arm.early)) >> 32) as u64;
-        if self.grid_ns > self.tick_ns {
-            snap(point, lo, arm.at, self.start_ns, self.grid_ns)
+        let grid = [WHEEL_SLOT_TICKS[1], WHEEL_SLOT_TICKS[0]]
+            .into_iter()
+            .map(|ticks| ticks * self.tick_ns)
+            .find(|&grid| grid > self.grid_ns && arm.early >= 2 * grid)
+            .unwrap_or(self.grid_ns);
+        if grid > self.tick_ns {
+            snap(point, lo, arm.at, self.start_ns, grid)
         } else {
             point
         }
     }
 }
 
+/// The widths, in ticks, of a slot of the wheel's levels 1 and 2 (see `wheel`).
+const WHEEL_SLOT_TICKS: [u64; 2] = [64, 4_096];
+
 /// `point` (a moment in `[lo, hi]`) moved onto the grid of `grid` ns counted from `origin`:
-/// the grid point at or below it if that is still in the window, else the one above it if
-/// that is, else `point` itself (a window narrower than the grid may hold no point).
+/// the nearer of the grid points around it that is in the window, else `point` itself (a
+/// window narrower than the grid may hold no point).
 fn snap(point: u64, lo: u64, hi: u64, origin: u64, grid: u64) -> u64 {
     if grid == 0 || point < origin {
         return point;
     }
     let down = point - (point - origin) % grid;
-    if down >= lo {
-        down
-    } else if down + grid <= hi {
-        down + grid
+    let up = down + grid;
+    let (near, far) = if point - down <= up - point {
+        (down, up)
     } else {
-        point
-    }
+        (up, down)
+    };
+    [near, far]
+        .into_iter()
+        .find(|p| (lo..=hi).contains(p))
+        .unwrap_or(point)
 }
 
 #[cfg(test)]
@@ -105,10 +121,12 @@ mod tests {
     fn snapping_stays_inside_the_window() {
         // (point, lo, hi, origin, grid) -> where it fires
         let cases = [
-            (1_005, 1_000, 1_010, 0, 8, 1_000), // down onto 1000, inside
+            (1_003, 1_000, 1_010, 0, 8, 1_000), // nearer down: 1000, inside
+            (1_005, 1_000, 1_010, 0, 8, 1_008), // nearer up: 1008, inside
             (1_012, 1_010, 1_030, 0, 8, 1_016), // 1008 is below lo: up to 1016
             (1_011, 1_009, 1_015, 0, 8, 1_011), // no grid point in [1009, 1015]
             (1_011, 1_009, 1_016, 0, 8, 1_016), // the upper edge is still inside
+            (1_013, 1_000, 1_014, 0, 8, 1_008), // nearer up is past hi: down
             (1_005, 1_000, 1_010, 3, 8, 1_003), // the grid starts at the origin
             (1_005, 1_000, 1_010, 0, 0, 1_005), // no grid
             (2, 0, 10, 5, 8, 2),                // before the origin

@@ -1,10 +1,7 @@
 //! What a firing does: read the connection's activity, decide, and act on the verdict, from
 //! re-arming its timer to sending a probe, reporting it dead or putting it to rest.
 
-use std::{
-    sync::atomic::{AtomicU64, Ordering},
-    time::Duration,
-};
+use std::{sync::atomic::AtomicU64, time::Duration};
 
 use crate::{
     activity::Slot,
@@ -19,6 +16,7 @@ use super::{
             Arm, CompiledPolicy, ConnState, Phase, ProbeKind, Verdict, decide, decide_kernel,
             decide_tiered,
         },
+        events::{bump, drop_one},
     },
     Worker, borrow,
 };
@@ -108,10 +106,7 @@ impl Worker {
         match verdict {
             Verdict::Rearm(at) => {
                 if before.phase() == Phase::Watching {
-                    self.shared
-                        .counters
-                        .wakeups_rearmed
-                        .fetch_add(1, Ordering::Relaxed);
+                    bump(&self.shared.counters.wakeups_rearmed);
                 }
                 self.rearm(local, at);
             }
@@ -131,10 +126,7 @@ impl Worker {
                 }
             }
             Verdict::Answered { rtt, next: at } => {
-                self.shared
-                    .counters
-                    .probes_answered
-                    .fetch_add(1, Ordering::Relaxed);
+                bump(&self.shared.counters.probes_answered);
                 if let Some(cell) = self.shared.stats.get(local) {
                     cell.add_answered(rtt);
                 }
@@ -147,12 +139,11 @@ impl Worker {
                 next,
             } => {
                 let counters = &self.shared.counters;
-                counters.dead.fetch_add(1, Ordering::Relaxed);
-                match tier {
+                bump(&counters.dead);
+                bump(match tier {
                     DeadTier::Transport => &counters.dead_transport,
                     DeadTier::Application => &counters.dead_application,
-                }
-                .fetch_add(1, Ordering::Relaxed);
+                });
                 self.emit(Event::Dead {
                     id,
                     after: Duration::from_nanos(silent),
@@ -178,7 +169,7 @@ impl Worker {
                 }
             }
             Verdict::Revived(at) => {
-                self.shared.counters.revived.fetch_add(1, Ordering::Relaxed);
+                bump(&self.shared.counters.revived);
                 self.emit(Event::Revived { id });
                 self.rearm(local, at);
             }
@@ -202,7 +193,7 @@ impl Worker {
     }
 
     pub(super) fn close(&mut self, local: usize, id: ConnId, reason: CloseReason) {
-        self.shared.counters.closed.fetch_add(1, Ordering::Relaxed);
+        bump(&self.shared.counters.closed);
         self.emit(Event::Closed { id, reason });
         self.make_inert(local);
     }
@@ -224,7 +215,7 @@ impl Worker {
         if from != to {
             self.ungauge(from);
             if let Some(gauge) = self.phase_gauge(to) {
-                gauge.fetch_add(1, Ordering::Relaxed);
+                bump(gauge);
             }
         }
     }
@@ -232,7 +223,7 @@ impl Worker {
     /// Takes a connection in `phase` out of the gauges (it is no longer watched).
     pub(super) fn ungauge(&self, phase: Phase) {
         if let Some(gauge) = self.phase_gauge(phase) {
-            gauge.fetch_sub(1, Ordering::Relaxed);
+            drop_one(gauge);
         }
     }
 
@@ -248,18 +239,12 @@ impl Worker {
 
     fn emit(&self, event: Event) {
         if let Err(flume::TrySendError::Full(_)) = self.shared.events.try_send(event) {
-            self.shared
-                .counters
-                .events_dropped
-                .fetch_add(1, Ordering::Relaxed);
+            bump(&self.shared.counters.events_dropped);
         }
     }
 
     pub(super) fn count_sent(&self, local: usize) {
-        self.shared
-            .counters
-            .probes_sent
-            .fetch_add(1, Ordering::Relaxed);
+        bump(&self.shared.counters.probes_sent);
         if let Some(cell) = self.shared.stats.get(local) {
             cell.add_sent();
         }
