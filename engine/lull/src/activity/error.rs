@@ -155,19 +155,6 @@ pub enum ActivityError {
         why: String,
     },
 
-    /// Another build of lull's programs is pinned and in use on this host.
-    #[error(
-        "{dir} holds another lull build's programs, in use by process(es) {pids:?}: stop them, \
-         or remove {dir} (which detaches those programs) and start again",
-        dir = dir.display()
-    )]
-    PinInUse {
-        /// The other build's pin directory.
-        dir: PathBuf,
-        /// Its live users.
-        pids: Vec<u32>,
-    },
-
     /// The host's shared activity table has no free extent left.
     #[error(
         "the host's activity table ({rows} rows, shared by every lull process) has no free \

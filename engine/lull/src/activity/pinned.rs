@@ -23,8 +23,8 @@
 //!   of the build removes every pin. A user killed with SIGKILL leaves its pins attached, and
 //!   the next user to start picks them up.
 //! - Two builds never share pins (the name hashes the object), so a pin is never misread.
-//!   Another build's pins are removed when nobody uses them, and refused, with the directory
-//!   and the processes named, while somebody does.
+//!   Another build's pins are removed when nobody uses them; while somebody does (an upgrade
+//!   under way), both run side by side, and a warning names the directory and the processes.
 //! - A cgroup whose ancestor has lull's links gets no links of its own: its sockets already
 //!   run the programs, and a second link would run them twice per packet.
 
@@ -454,8 +454,12 @@ fn remove_pins(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// Removes the pins of other lull builds that nobody uses any more; refuses to go on while
-/// somebody does, since both builds' programs would then run on the same packets.
+/// Removes the pins of other lull builds that nobody uses any more.
+///
+/// Another build that is in use is left alone: during an upgrade the old daemon and the new
+/// one run side by side, and each reads only its own maps (the names differ by build), so
+/// nothing is misread. Sockets in a cgroup both attach to run both builds' programs, which
+/// the warning says.
 fn remove_other_builds(ours: &str) -> Result<(), ActivityError> {
     let Ok(entries) = std::fs::read_dir(PIN_ROOT) else {
         return Ok(());
@@ -469,10 +473,13 @@ fn remove_other_builds(ours: &str) -> Result<(), ActivityError> {
         let _setup = users.setup_lock()?;
         let live = users.live();
         if !live.is_empty() {
-            return Err(ActivityError::PinInUse {
-                dir: entry.path(),
-                pids: live.iter().map(|u| u.pid).collect(),
-            });
+            tracing::warn!(
+                "{} holds another lull build's programs, in use by process(es) {:?}; this \
+                 build uses its own, and sockets in a cgroup both attach to run both",
+                entry.path().display(),
+                live.iter().map(|u| u.pid).collect::<Vec<_>>()
+            );
+            continue;
         }
         remove_pins(&entry.path());
         users.remove_all();
