@@ -77,27 +77,17 @@ impl HangTrigger {
 pub async fn serve(stream: TcpStream, behaviour: Behaviour, on_read: impl Fn(usize)) {
     let accepted = Instant::now();
     match behaviour {
-        Behaviour::Answer(reply) => answer(&stream, reply, &on_read, || false).await,
-        Behaviour::Count => {
-            let mut buf = vec![0u8; 4096];
-            loop {
-                let (res, b) = stream.read(buf).await;
-                buf = b;
-                match res {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => on_read(n),
-                }
-            }
-        }
+        Behaviour::Answer(reply) => answer(&stream, Some(reply), &on_read, || false).await,
+        Behaviour::Count => answer(&stream, None, &on_read, || false).await,
         Behaviour::Silent => std::future::pending().await,
         Behaviour::Hang { trigger } => {
-            answer(&stream, PONG, &on_read, || trigger.reached(accepted)).await;
+            answer(&stream, Some(PONG), &on_read, || trigger.reached(accepted)).await;
         }
         Behaviour::Busy { every } => {
             let stream = Rc::new(stream);
             let writer = stream.clone();
             tokio::select! {
-                () = answer(&stream, PONG, &on_read, || false) => {}
+                () = answer(&stream, Some(PONG), &on_read, || false) => {}
                 // Ends when a write fails, i.e. with the connection.
                 () = async move {
                     loop {
@@ -111,7 +101,7 @@ pub async fn serve(stream: TcpStream, behaviour: Behaviour, on_read: impl Fn(usi
         }
         Behaviour::Close { after, reset } => {
             tokio::select! {
-                () = answer(&stream, PONG, &on_read, || false) => return,
+                () = answer(&stream, Some(PONG), &on_read, || false) => return,
                 () = tokio::time::sleep(after) => {}
             }
             if reset {
@@ -123,11 +113,12 @@ pub async fn serve(stream: TcpStream, behaviour: Behaviour, on_read: impl Fn(usi
     }
 }
 
-/// Answers every read with `reply` until the connection ends. Once `hung()` holds at a read,
-/// that read goes unanswered and the socket is left open and untouched for good.
+/// Answers every read with `reply` (or just reads, with none) until the connection ends. Once
+/// `hung()` holds at a read, that read goes unanswered and the socket is left open and
+/// untouched for good.
 async fn answer(
     stream: &TcpStream,
-    reply: &'static [u8],
+    reply: Option<&'static [u8]>,
     on_read: &impl Fn(usize),
     hung: impl Fn() -> bool,
 ) {
@@ -142,7 +133,9 @@ async fn answer(
         if hung() {
             std::future::pending::<()>().await;
         }
-        if stream.write_all(reply.to_vec()).await.0.is_err() {
+        if let Some(reply) = reply
+            && stream.write_all(reply.to_vec()).await.0.is_err()
+        {
             return;
         }
     }

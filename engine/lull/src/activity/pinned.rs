@@ -276,34 +276,17 @@ impl PinnedObject {
             .ingress
             .attach(&dir, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
             .map_err(program_error(INGRESS_PROG))?;
-        let ingress: FdLink = self
-            .ingress
-            .take_link(link_id)
-            .map_err(program_error(INGRESS_PROG))?
-            .try_into()
-            .map_err(
-                |e: aya::programs::links::LinkError| ActivityError::Syscall {
-                    call: "taking a bpf_link",
-                    source: std::io::Error::other(e),
-                },
-            )?;
-        self.pin_link(ingress, id, "ingress")?;
+        let link = fd_link(self.ingress.take_link(link_id), program_error(INGRESS_PROG))?;
+        self.pin_link(link, id, "ingress")?;
         let link_id = self
             .sock_ops
             .attach(&dir, CgroupAttachMode::Single)
             .map_err(program_error(SOCK_OPS_PROG))?;
-        let sock_ops: FdLink = self
-            .sock_ops
-            .take_link(link_id)
-            .map_err(program_error(SOCK_OPS_PROG))?
-            .try_into()
-            .map_err(
-                |e: aya::programs::links::LinkError| ActivityError::Syscall {
-                    call: "taking a bpf_link",
-                    source: std::io::Error::other(e),
-                },
-            )?;
-        self.pin_link(sock_ops, id, "sock_ops")?;
+        let link = fd_link(
+            self.sock_ops.take_link(link_id),
+            program_error(SOCK_OPS_PROG),
+        )?;
+        self.pin_link(link, id, "sock_ops")?;
         tracing::debug!(cgroup = %cgroup.display(), "lull's programs are attached");
         Ok(())
     }
@@ -371,6 +354,23 @@ impl Drop for PinnedObject {
         }
         drop(setup);
     }
+}
+
+/// A program's link, taken out of aya's bookkeeping as a plain `bpf_link` that can be pinned.
+fn fd_link<L>(
+    taken: Result<L, aya::programs::ProgramError>,
+    program_error: impl FnOnce(aya::programs::ProgramError) -> ActivityError,
+) -> Result<FdLink, ActivityError>
+where
+    L: TryInto<FdLink, Error = aya::programs::links::LinkError>,
+{
+    taken
+        .map_err(program_error)?
+        .try_into()
+        .map_err(|e| ActivityError::Syscall {
+            call: "taking a bpf_link",
+            source: std::io::Error::other(e),
+        })
 }
 
 /// Whether every pin of a build is in place (a user that died while making them leaves some).
