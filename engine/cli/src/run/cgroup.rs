@@ -25,6 +25,9 @@ pub struct RunCgroup {
     outside: PathBuf,
     /// Held for the run when lull made its own cgroup; dropping it removes the cgroup.
     own: Option<Arc<OwnCgroup>>,
+    /// `cgroup.procs` of `outside`, opened while lull still may: after `--user` drops its
+    /// privileges, opening it fails, and the demo's peers could not leave lull's cgroup.
+    outside_procs: Option<File>,
 }
 
 impl RunCgroup {
@@ -42,10 +45,12 @@ impl RunCgroup {
             }
             check_cgroup_dir(dir, true).map_err(|e| usage("--cgroup", e.to_string()))?;
             move_self_to(dir).map_err(|e| usage("--cgroup", e.to_string()))?;
+            let outside_procs = open_procs(&outside).ok();
             return Ok(Some(Self {
                 path: dir.into(),
                 outside,
                 own: None,
+                outside_procs,
             }));
         }
         if source == SourceArg::TcpInfo {
@@ -54,6 +59,7 @@ impl RunCgroup {
         match OwnCgroup::shared() {
             Ok(own) => Ok(Some(Self {
                 path: own.path().into(),
+                outside_procs: open_procs(&outside).ok(),
                 outside,
                 own: Some(own),
             })),
@@ -73,12 +79,21 @@ impl RunCgroup {
     /// The file a process writes `0` to in order to leave this run's cgroup for the one lull
     /// came from: the demo's peers do it between fork and exec.
     pub fn outside_procs(&self) -> Result<File> {
-        let procs = self.outside.join("cgroup.procs");
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&procs)
-            .map_err(|e| anyhow::anyhow!("opening {}: {e}", procs.display()))
+        match &self.outside_procs {
+            Some(procs) => procs
+                .try_clone()
+                .map_err(|e| anyhow::anyhow!("duplicating the fd of cgroup.procs: {e}")),
+            None => open_procs(&self.outside),
+        }
     }
+}
+
+fn open_procs(cgroup: &Path) -> Result<File> {
+    let procs = cgroup.join("cgroup.procs");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&procs)
+        .map_err(|e| anyhow::anyhow!("opening {}: {e}", procs.display()))
 }
 
 impl Drop for RunCgroup {

@@ -59,6 +59,10 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         engine.source_kind()
     );
     if let Some(user) = &config.user {
+        // Rows of the host's table are leased through lock files only root may make.
+        engine
+            .reserve()
+            .context("leasing the eBPF table's rows before --user")?;
         privileges::drop_to(user).with_context(|| format!("--user {user}"))?;
     }
     let session = Session {

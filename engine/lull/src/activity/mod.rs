@@ -170,6 +170,13 @@ pub trait ActivitySource: Send + Sync + 'static {
         None
     }
 
+    /// Takes now whatever later registrations will need and only a privileged process may
+    /// take (the eBPF table leases rows of the host's table through lock files in `/run`), for
+    /// a process about to give up its privileges. The default has nothing to take.
+    fn reserve(&self) -> Result<(), ActivityError> {
+        Ok(())
+    }
+
     /// Housekeeping the engine runs about once a second: forward kernel log records, and
     /// report an error if the source stopped working (for example, its programs were detached
     /// by another process). After an error the engine falls back to [`TcpInfoSource`].

@@ -383,6 +383,20 @@ impl ActivitySource for ActivityTable {
         true
     }
 
+    fn reserve(&self) -> Result<(), ActivityError> {
+        // Every block of slot indices this table serves gets its extent now, while the lock
+        // files in /run can still be made and written.
+        for first in (0..self.capacity).step_by(lull_common::EXTENT_ROWS as usize) {
+            let slot = Slot {
+                index: first,
+                generation: 0,
+            };
+            self.extents
+                .place(slot, |extent| self.notices.clear(extent))?;
+        }
+        Ok(())
+    }
+
     fn check(&self) -> Result<(), ActivityError> {
         self.flush_logs();
         self.verify_attached()

@@ -179,6 +179,13 @@ impl EngineGroup {
         self.engines[0].source_kind()
     }
 
+    /// Takes now what watching up to the group's capacity will need and only a privileged
+    /// process may take (rows of the host's eBPF table, leased through lock files in `/run`):
+    /// call it before giving up root or CAP_DAC_OVERRIDE, as `lull run --user` does.
+    pub fn reserve(&self) -> Result<(), EngineError> {
+        Ok(self.engines[0].source().reserve()?)
+    }
+
     /// The number of engines.
     pub fn len(&self) -> usize {
         self.engines.len()
