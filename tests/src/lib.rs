@@ -6,6 +6,7 @@
 pub mod cgroups;
 pub mod cli;
 pub mod netns;
+pub mod pins;
 pub mod servers;
 
 use std::{

@@ -12,6 +12,7 @@ use lull_tests::{
         lull, lull_programs, lull_programs_of, report, scratch, source_flag, spawn_long_ebpf_demo,
         spawn_lull,
     },
+    pins::KillOnDrop,
     root_or_skip, serial, wait_until,
 };
 
@@ -83,21 +84,23 @@ fn sigint_stops_cleanly_and_leaves_no_bpf_behind() {
     if !root_or_skip("sigint_stops_cleanly_and_leaves_no_bpf_behind") {
         return;
     }
-    let child = spawn_long_ebpf_demo(500);
+    let child = KillOnDrop::new(spawn_long_ebpf_demo(500));
     let mut attached = HashSet::new();
     assert!(
         wait_until(Duration::from_secs(10), || {
             attached = lull_programs_of(child.id());
-            attached.len() == 3
+            attached.len() == 2
         }),
-        "lull attached its three programs: {attached:?}"
+        "lull holds its two programs (ingress, sock_ops): {attached:?}"
     );
     // Into the run proper, past the connection setup.
     std::thread::sleep(Duration::from_secs(3));
     let started = Instant::now();
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
-    let out = child.wait_with_output().expect("wait for lull");
+    child.signal(libc::SIGINT);
+    let out = child
+        .into_inner()
+        .wait_with_output()
+        .expect("wait for lull");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         started.elapsed() < Duration::from_secs(10),
@@ -129,7 +132,7 @@ fn user_drops_to_nobody_with_no_capabilities_and_keeps_working() {
         return;
     }
     let json = scratch("user.json");
-    let child = spawn_lull(&[
+    let child = KillOnDrop::new(spawn_lull(&[
         "run",
         "--conns",
         "500",
@@ -146,7 +149,7 @@ fn user_drops_to_nobody_with_no_capabilities_and_keeps_working() {
         "--quiet",
         "--json",
         json.to_str().unwrap(),
-    ]);
+    ]));
     std::thread::sleep(Duration::from_secs(3));
     let pid = child.id();
     let mut threads = 0;
@@ -189,7 +192,10 @@ fn user_drops_to_nobody_with_no_capabilities_and_keeps_working() {
         threads += 1;
     }
     assert!(threads >= 2, "the engine thread was checked too");
-    let out = child.wait_with_output().expect("wait for lull");
+    let out = child
+        .into_inner()
+        .wait_with_output()
+        .expect("wait for lull");
     assert!(
         out.status.success(),
         "{}",

@@ -4,21 +4,25 @@ use std::{
     collections::HashSet,
     io::{BufRead, BufReader, Write},
     net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::{Arc, Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
 use lull::{
-    ActivityMode, CloseReason, ConnId, Engine, Event, Payload, Policy, Probe, activity::SourceKind,
+    ActivityMode, CloseReason, ConnId, Engine, Event, Payload, Policy, Probe,
+    activity::{PIN_ROOT, SourceKind, cgroup2_root},
 };
 use lull_harness::{Behaviour, PeerServer, peer::PONG};
 use lull_tests::{
     Source, assert_exactly_once, assert_source_kept, both_sources,
-    cli::{lull_bin, lull_programs, lull_programs_of, lull_report, scratch, spawn_long_ebpf_demo},
+    cli::{lull_bin, lull_programs, lull_programs_of, spawn_long_ebpf_demo},
     engine,
     netns::NetnsPair,
-    percentile, root_or_skip, serial, wait_until, watch_n,
+    percentile,
+    pins::{KillOnDrop, leases_of, lock_holder, pinned_links, user_records},
+    root_or_skip, serial, wait_until, watch_n,
 };
 
 const IDLE: Duration = Duration::from_millis(1_000);
@@ -294,8 +298,9 @@ fn detached_programs_switch_the_engine_to_tcp_info_without_losing_a_connection()
     let answering = PeerServer::start(Behaviour::Answer(PONG));
     let silent = PeerServer::start(Behaviour::Silent);
     let alive = watch_n(&engine, &answering, 200, &policy());
+    // One link per program: cgroup_skb ingress and sock_ops.
     let links = engine.source().link_ids();
-    assert_eq!(links.len(), 3);
+    assert_eq!(links.len(), 2);
 
     // Another process detaches every link (as `bpftool link detach` would).
     // SAFETY: the child only makes raw system calls and exits; it touches no locks.
@@ -352,48 +357,106 @@ fn detached_programs_switch_the_engine_to_tcp_info_without_losing_a_connection()
 }
 
 #[test]
-fn sigkill_leaves_nothing_behind_and_the_next_start_works() {
+fn sigkill_leaves_pins_that_the_next_start_reuses_and_reclaims() {
     let _serial = serial();
-    if !root_or_skip("sigkill_leaves_nothing_behind_and_the_next_start_works") {
+    if !root_or_skip("sigkill_leaves_pins_that_the_next_start_reuses_and_reclaims") {
         return;
     }
-    for round in 0..2 {
-        let mut child = spawn_long_ebpf_demo(300);
-        let mut attached = HashSet::new();
-        assert!(
-            wait_until(Duration::from_secs(10), || {
-                attached = lull_programs_of(child.id());
-                attached.len() == 3
-            }),
-            "round {round}: attached {attached:?}"
-        );
-        let _ = child.kill(); // SIGKILL
-        let _ = child.wait();
-        assert!(
-            wait_until(Duration::from_secs(5), || lull_programs()
-                .is_disjoint(&attached)),
-            "round {round}: programs left behind"
-        );
-    }
-    // And a normal run still starts and finishes, on eBPF to its end.
-    let json = scratch("after-sigkill.json");
-    let r = lull_report(
-        &[
-            "run",
-            "--conns",
-            "100",
-            "--duration",
-            "2s",
-            "--source",
-            "ebpf",
-            "--quiet",
-            "--hung",
-            "0",
-            "--closing",
-            "0",
-        ],
-        &json,
+    let mut killed = KillOnDrop::new(spawn_long_ebpf_demo(300));
+    let pid = killed.id();
+    let (mut programs, mut records, mut leases) = (HashSet::new(), Vec::new(), Vec::new());
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            programs = lull_programs_of(pid);
+            records = user_records(pid);
+            leases = records
+                .first()
+                .map(|r| leases_of(&build_run_dir(r), pid))
+                .unwrap_or_default();
+            programs.len() == 2 && records.len() == 1 && !leases.is_empty()
+        }),
+        "lull {pid} holds its two programs ({programs:?}), one user record ({records:?}) and an \
+         extent of the table ({leases:?})"
     );
-    assert_eq!(r["source"], "ebpf");
+    let record = records[0].clone();
+    let run = build_run_dir(&record);
+    let pins = Path::new(PIN_ROOT).join(run.file_name().unwrap());
+    let cgroup = cgroup2_root().unwrap().join(format!("lull-{pid}"));
+    let cgroup_id = lull::activity::cgroup_id(&cgroup).expect("lull runs in a cgroup of its own");
+    let its_links = [
+        format!("{cgroup_id}-ingress"),
+        format!("{cgroup_id}-sock_ops"),
+    ];
+
+    killed.kill();
+    // A SIGKILL leaves the pins (programs loaded, links attached), and a record and leases
+    // that nobody holds any more.
+    assert!(
+        lull_programs().is_superset(&programs),
+        "the pinned programs outlive their user"
+    );
+    let links = pinned_links(&pins);
+    assert!(
+        its_links.iter().all(|l| links.contains(l)),
+        "{links:?} lacks {its_links:?}"
+    );
+    assert!(
+        record.exists(),
+        "nothing removed the dead user's record yet"
+    );
+    assert_eq!(
+        lock_holder(&record),
+        None,
+        "a dead user's record is not locked"
+    );
+    for lease in &leases {
+        assert_eq!(lock_holder(&lease.path), None, "{lease:?} is still held");
+    }
+
+    // The next start reuses the pins (the very same programs) and reclaims what was left.
+    let next = KillOnDrop::new(spawn_long_ebpf_demo(300));
+    let mut held = HashSet::new();
+    let mut reused = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            held = lull_programs_of(next.id());
+            reused = leases_of(&run, next.id());
+            held.len() == 2 && !reused.is_empty()
+        }),
+        "the next lull holds {held:?} and leases {reused:?}"
+    );
+    assert_eq!(held, programs, "the next start opened the pinned programs");
+    assert!(!record.exists(), "the dead user's record was removed");
+    // Extents are leased first free first: the dead one's come back, in a new epoch.
+    let dead = &leases[0];
+    let again = reused.iter().find(|l| l.path == dead.path);
+    assert!(
+        again.is_some_and(|l| l.epoch > dead.epoch),
+        "the dead user's extent {dead:?} was not leased again: {reused:?}"
+    );
+    assert!(!cgroup.exists(), "the dead lull's own cgroup was removed");
+    next.signal(libc::SIGINT);
+    let out = next.into_inner().wait_with_output().expect("wait for lull");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.trim_start().starts_with("activity source") && l.contains(" ebpf (")),
+        "the run after the kill ran on eBPF to its end: {stdout}"
+    );
     assert!(TcpListener::bind("127.0.0.1:0").is_ok());
+}
+
+/// `/run/lull/<build>` of a user record `/run/lull/<build>/users/<pid>.<n>`.
+fn build_run_dir(record: &Path) -> PathBuf {
+    record
+        .parent()
+        .and_then(Path::parent)
+        .expect("a record lives in <build>/users")
+        .to_path_buf()
 }
