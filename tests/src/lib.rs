@@ -3,6 +3,7 @@
 //!
 //! Every test here touches only loopback addresses or network namespaces it creates itself.
 
+pub mod bpf;
 pub mod cgroups;
 pub mod cli;
 pub mod netns;
