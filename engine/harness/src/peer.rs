@@ -109,6 +109,10 @@ pub async fn serve(stream: TcpStream, behaviour: Behaviour, on_read: impl Fn(usi
                 // wrong close reason, which is a visible failure, not a silent one.
                 let _ = crate::socket::set_linger_zero(&stream);
             }
+            // The read the select dropped is still in flight in the ring, holding the fd: the
+            // socket would only close (and its FIN or RST go out) once the next probe arrived.
+            // Shutting the read side down ends that read now, and with it the last hold.
+            let _ = stream.shutdown(std::net::Shutdown::Read);
         }
     }
 }
