@@ -147,3 +147,90 @@ fn help_comes_from_the_doc_comments() {
     let out = lull(&["--help"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("Keep idle TCP connections alive"));
 }
+
+#[test]
+fn hung_after_below_the_dead_bound_or_with_kernel_probes_names_both_settings() {
+    // A short, small run if the check ever let these through, rather than the 30 s demo.
+    // idle 2 s + 3 x 1 s: the transport's verdict needs 5 s, so 4 s is too short.
+    let short = [
+        "run",
+        "--conns",
+        "10",
+        "--duration",
+        "1s",
+        "--idle",
+        "2s",
+        "--interval",
+        "1s",
+        "--count",
+        "3",
+        "--hung-after",
+        "4s",
+    ];
+    let line = refused(&short, "--hung-after");
+    for setting in ["idle", "count", "interval", "5s"] {
+        assert!(
+            line.contains(setting),
+            "names the dead bound's {setting}: {line}"
+        );
+    }
+    let config = scratch("hung-after.toml");
+    std::fs::write(
+        &config,
+        "idle = \"2s\"\ninterval = \"1s\"\ncount = 3\nhung_after = \"4s\"\nconns = 10\n\
+         duration = \"1s\"\n",
+    )
+    .unwrap();
+    refused(
+        &["run", "--config", config.to_str().unwrap()],
+        "--hung-after",
+    );
+
+    let line = refused(
+        &[
+            "run",
+            "--conns",
+            "10",
+            "--duration",
+            "1s",
+            "--probe",
+            "kernel",
+            "--hung-after",
+            "10m",
+        ],
+        "--hung-after",
+    );
+    assert!(
+        line.contains("probe") && line.contains("kernel"),
+        "names the probe setting too: {line}"
+    );
+
+    // The bound itself is allowed: idle 1 s + 2 x 1 s = 3 s.
+    let json = scratch("hung-after-ok.json");
+    let r = lull_report(
+        &[
+            "run",
+            "--conns",
+            "10",
+            "--duration",
+            "1s",
+            "--idle",
+            "1s",
+            "--interval",
+            "1s",
+            "--count",
+            "2",
+            "--hung-after",
+            "3s",
+            "--source",
+            "tcp-info",
+            "--quiet",
+            "--hung",
+            "0",
+            "--closing",
+            "0",
+        ],
+        &json,
+    );
+    assert_eq!(r["connections"], 10);
+}
