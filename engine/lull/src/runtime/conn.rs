@@ -176,6 +176,19 @@ impl CompiledPolicy {
         self.idle_ns + self.interval_ns * u64::from(self.count)
     }
 
+    /// The first arm of a tiered connection whose source does not report the kernel's
+    /// timeouts (`TCP_INFO`): the first moment the kernel's keepalive could have given up, if
+    /// that comes before lull's own first probe, which it does unless `hung_after` is long.
+    pub(crate) fn first_tiered_arm(&self, now: u64) -> Arm {
+        let look = Arm::exact(now + self.kernel_verdict_ns() + KERNEL_VERDICT_SLACK_NS);
+        let idle = self.idle_arm(now);
+        if look.at < idle.at.saturating_sub(idle.early) {
+            look
+        } else {
+            idle
+        }
+    }
+
     /// Whether the kernel watches this connection's transport (kernel probes, or the
     /// transport tier of a tiered policy).
     pub(crate) fn kernel_watched(&self) -> bool {

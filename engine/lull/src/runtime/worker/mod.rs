@@ -257,6 +257,12 @@ impl Worker {
                     early: p.jitter_ns.min(p.interval_ns / 2),
                 },
             ),
+            // Without timeout reports from the source, the kernel's verdict on the transport
+            // is only seen when the engine looks, and the application tier's first probe may be
+            // far later than the dead bound.
+            _ if p.tiered && !self.source.reports_timeouts() => {
+                (Phase::Watching, p.first_tiered_arm(now))
+            }
             _ => (Phase::Watching, p.idle_arm(now)),
         };
         let first = self.placement.place(first);
