@@ -47,6 +47,10 @@ use super::{
 
 /// How often the source is checked and kernel logs are forwarded.
 const HOUSEKEEPING_NS: u64 = 1_000_000_000;
+/// How long a close notice may wait for the engine's next turn when no timer is due sooner:
+/// notices are read each turn, and an idle engine would otherwise turn only for housekeeping,
+/// leaving a peer's RST or the kernel's timeout unreported for up to a second.
+const NOTICE_POLL_NS: u64 = 50_000_000;
 /// Timer expiries handled per turn before commands get a look-in again.
 const MAX_FIRES_PER_TURN: u32 = 16_384;
 /// Expiries taken from the wheel and prefetched before any of them is handled.
@@ -190,6 +194,11 @@ impl Worker {
                 tick = tick.max(self.placement.tick_of(now) + 1);
             }
             wake = wake.min(self.placement.tick_start(tick));
+        }
+        if self.source.reports_timeouts()
+            && self.shared.counters.watched.load(Ordering::Relaxed) > 0
+        {
+            wake = wake.min(now + NOTICE_POLL_NS);
         }
         wake
     }
