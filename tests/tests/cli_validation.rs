@@ -151,7 +151,8 @@ fn help_comes_from_the_doc_comments() {
 #[test]
 fn hung_after_below_the_dead_bound_or_with_kernel_probes_names_both_settings() {
     // A short, small run if the check ever let these through, rather than the 30 s demo.
-    // idle 2 s + 3 x 1 s: the transport's verdict needs 5 s, so 4 s is too short.
+    // idle 2 s + 2 x 3 x 1 s: the transport's verdict needs 5 s, and the application tier's
+    // probes 3 s more, so 7 s is too short.
     let short = [
         "run",
         "--conns",
@@ -165,10 +166,10 @@ fn hung_after_below_the_dead_bound_or_with_kernel_probes_names_both_settings() {
         "--count",
         "3",
         "--hung-after",
-        "4s",
+        "7s",
     ];
     let line = refused(&short, "--hung-after");
-    for setting in ["idle", "count", "interval", "5s"] {
+    for setting in ["idle", "count", "interval", "8s"] {
         assert!(
             line.contains(setting),
             "names the dead bound's {setting}: {line}"
@@ -177,7 +178,7 @@ fn hung_after_below_the_dead_bound_or_with_kernel_probes_names_both_settings() {
     let config = scratch("hung-after.toml");
     std::fs::write(
         &config,
-        "idle = \"2s\"\ninterval = \"1s\"\ncount = 3\nhung_after = \"4s\"\nconns = 10\n\
+        "idle = \"2s\"\ninterval = \"1s\"\ncount = 3\nhung_after = \"7s\"\nconns = 10\n\
          duration = \"1s\"\n",
     )
     .unwrap();
@@ -205,7 +206,7 @@ fn hung_after_below_the_dead_bound_or_with_kernel_probes_names_both_settings() {
         "names the probe setting too: {line}"
     );
 
-    // The bound itself is allowed: idle 1 s + 2 x 1 s = 3 s.
+    // The least allowed: idle 1 s + 2 x 2 x 1 s = 5 s.
     let json = scratch("hung-after-ok.json");
     let r = lull_report(
         &[
@@ -221,7 +222,7 @@ fn hung_after_below_the_dead_bound_or_with_kernel_probes_names_both_settings() {
             "--count",
             "2",
             "--hung-after",
-            "3s",
+            "5s",
             "--source",
             "tcp-info",
             "--quiet",

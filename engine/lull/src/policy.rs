@@ -98,16 +98,16 @@ pub enum PolicyError {
     /// Kernel probes cannot keep a connection warm: they only go out after `idle`.
     #[error("kernel probes only support detect-dead mode")]
     KernelKeepWarm,
-    /// `hung_after` is shorter than the dead bound: the application tier would probe before
-    /// the transport tier could have answered for the connection.
+    /// `hung_after` is too short: the application tier would probe before the transport
+    /// tier could have given its verdict on a vanished peer, and report it as hung.
     #[error(
-        "hung_after ({hung_after:?}) must be at least the dead bound, idle + count x interval \
-         ({bound:?})"
+        "hung_after ({hung_after:?}) must be at least idle + 2 x count x interval ({bound:?}): \
+         the dead bound, idle + count x interval, and then count intervals of lull's own probes"
     )]
     HungBeforeDead {
         /// `hung_after`.
         hung_after: Duration,
-        /// `idle + count * interval`.
+        /// The least `hung_after`: `idle + 2 * count * interval`.
         bound: Duration,
     },
     /// `hung_after` needs a probe the application answers; kernel probes only reach its kernel.
@@ -296,7 +296,9 @@ impl Policy {
             if self.mode == Mode::KeepWarm {
                 return Err(PolicyError::HungKeepWarm);
             }
-            let bound = self.transport_bound();
+            // lull's own probes start `count` intervals before `hung_after`: only after the
+            // kernel could have given up on a vanished peer, or it would be reported as hung.
+            let bound = self.transport_bound() + self.interval * self.count;
             if hung_after < bound {
                 return Err(PolicyError::HungBeforeDead { hung_after, bound });
             }
@@ -492,13 +494,13 @@ mod tests {
         let p = Policy::detect_dead(s(30), s(5), 3);
         let cases = [
             (
-                p.clone().with_hung_after(s(44)),
+                p.clone().with_hung_after(s(59)),
                 Err(PolicyError::HungBeforeDead {
-                    hung_after: s(44),
-                    bound: s(45),
+                    hung_after: s(59),
+                    bound: s(60),
                 }),
             ),
-            (p.clone().with_hung_after(s(45)), Ok(())),
+            (p.clone().with_hung_after(s(60)), Ok(())),
             (
                 p.clone().with_hung_after(s(60)).with_probe(Probe::Kernel),
                 Err(PolicyError::HungWithKernelProbe),
@@ -519,8 +521,8 @@ mod tests {
             assert_eq!(policy.validate(), want, "{policy:?}");
         }
         let text = PolicyError::HungBeforeDead {
-            hung_after: s(44),
-            bound: s(45),
+            hung_after: s(59),
+            bound: s(60),
         }
         .to_string();
         assert!(

@@ -136,7 +136,7 @@ pub struct RunArgs {
 
     /// Tiered probing: leave dead peers to the kernel's keepalive (idle, interval, count) and
     /// probe only connections that received nothing for this long, to find hung applications.
-    /// At least idle + count x interval; not with --probe kernel [default: off].
+    /// At least idle + 2 x count x interval; not with --probe kernel [default: off].
     #[arg(long, value_parser = parse_duration)]
     #[serde(default, deserialize_with = "de_duration", alias = "hung_after")]
     pub hung_after: Option<Duration>,
@@ -182,7 +182,8 @@ pub struct RunArgs {
     #[arg(long, value_enum)]
     pub source: Option<SourceArg>,
 
-    /// cgroup v2 directory to attach to [default: the hierarchy's root, from /proc/mounts].
+    /// cgroup v2 directory to attach to, and to open lull's sockets from (lull moves into it)
+    /// [default: a cgroup of lull's own, a child of the one it was started in].
     #[arg(long, value_name = "DIR")]
     pub cgroup: Option<PathBuf>,
 
