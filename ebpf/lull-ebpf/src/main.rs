@@ -18,6 +18,8 @@
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
+mod host;
+#[cfg(target_arch = "bpf")]
 mod programs;
 
 /// Lets `cargo check --workspace` on the host compile this crate to nothing.

@@ -14,11 +14,11 @@ mod extents;
 mod host_users;
 pub mod kernel_btf;
 mod link_health;
-mod lock_file;
+pub(crate) mod lock_file;
 mod rows;
 mod sim;
 mod slots;
-mod table;
+pub(crate) mod table;
 mod tcp_info;
 
 use std::os::fd::BorrowedFd;

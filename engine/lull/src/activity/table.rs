@@ -27,12 +27,12 @@ use super::{
 };
 
 #[cfg(lull_embedded_bpf)]
-static BPF_OBJECT: Option<&[u8]> = Some(aya::include_bytes_aligned!(concat!(
+pub(crate) static BPF_OBJECT: Option<&[u8]> = Some(aya::include_bytes_aligned!(concat!(
     env!("OUT_DIR"),
     "/lull.bpf.o"
 )));
 #[cfg(not(lull_embedded_bpf))]
-static BPF_OBJECT: Option<&[u8]> = None;
+pub(crate) static BPF_OBJECT: Option<&[u8]> = None;
 
 /// Whether this build carries the BPF object (built by `cargo xtask build-ebpf`).
 pub fn bpf_object_embedded() -> bool {
