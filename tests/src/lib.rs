@@ -4,6 +4,7 @@
 //! Every test here touches only loopback addresses or network namespaces it creates itself.
 
 pub mod cli;
+pub mod host;
 pub mod netns;
 pub mod peers;
 pub mod servers;
