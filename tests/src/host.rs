@@ -94,7 +94,13 @@ impl NsServer {
     /// Runs `program args` in cgroup `cgroup`, then network namespace `netns`: the process
     /// joins the cgroup first (`ip netns exec` would remount /sys and hide it), then enters
     /// the namespace with `nsenter --net`.
-    pub fn spawn(cgroup: &TestCgroup, netns: &str, port: u16, program: &Path, args: &[String]) -> Self {
+    pub fn spawn(
+        cgroup: &TestCgroup,
+        netns: &str,
+        port: u16,
+        program: &Path,
+        args: &[String],
+    ) -> Self {
         let procs = CString::new(cgroup.path.join("cgroup.procs").as_os_str().as_bytes())
             .expect("no NUL in a cgroup path");
         let mut cmd = Command::new("nsenter");
@@ -130,9 +136,24 @@ impl NsServer {
     pub fn redis(test: &str, cgroup: &TestCgroup, netns: &str, port: u16) -> Option<Self> {
         let binary = find(test, "redis-server")?;
         let args: Vec<String> = [
-            "--port", &port.to_string(), "--bind", "0.0.0.0 ::", "--tcp-keepalive", "0",
-            "--timeout", "0", "--save", "", "--appendonly", "no", "--protected-mode", "no",
-            "--daemonize", "no", "--loglevel", "warning",
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "0.0.0.0 ::",
+            "--tcp-keepalive",
+            "0",
+            "--timeout",
+            "0",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
         ]
         .iter()
         .map(|s| (*s).to_string())
@@ -143,7 +164,8 @@ impl NsServer {
     /// `mosquitto` listening on every address of `netns`, anonymous clients allowed.
     pub fn mosquitto(test: &str, cgroup: &TestCgroup, netns: &str, port: u16) -> Option<Self> {
         let binary = find(test, "mosquitto")?;
-        let dir = std::env::temp_dir().join(format!("lull-host-mqtt-{}-{port}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("lull-host-mqtt-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("mosquitto config dir");
         let conf = dir.join("mosquitto.conf");
         std::fs::write(
@@ -222,7 +244,8 @@ pub fn opts_of(fd: &impl AsRawFd) -> KeepaliveOpts {
         let mut v: libc::c_int = -1;
         let mut len = size_of::<libc::c_int>() as libc::socklen_t;
         // SAFETY: a valid out-pointer and length for an int option.
-        let rc = unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, (&raw mut v).cast(), &mut len) };
+        let rc =
+            unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, (&raw mut v).cast(), &mut len) };
         assert_eq!(rc, 0, "getsockopt: {}", std::io::Error::last_os_error());
         v
     };
@@ -251,7 +274,10 @@ fn server_socket(pid: u32, peer_port: u16) -> Option<OwnedFd> {
         let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
         for line in text.lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
-            let port = f.get(2).and_then(|a| a.rsplit(':').next()).and_then(|p| u16::from_str_radix(p, 16).ok());
+            let port = f
+                .get(2)
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
             if port == Some(peer_port) && f.get(3) == Some(&"01") {
                 inode = f.get(9).and_then(|i| i.parse::<u64>().ok());
             }
@@ -298,7 +324,11 @@ pub fn iptables_in(netns: &str, args: &[&str]) {
         .args(args)
         .output()
         .expect("run iptables");
-    assert!(out.status.success(), "iptables {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "iptables {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A `lull host` process under test, with its own instance name (so its pins and lock are
@@ -336,7 +366,10 @@ impl HostDaemon {
         if daemon.spawn() {
             return Some(daemon);
         }
-        unavailable(test, &format!("lull host (it said: {})", daemon.log_text().trim()))
+        unavailable(
+            test,
+            &format!("lull host (it said: {})", daemon.log_text().trim()),
+        )
     }
 
     /// Starts (again) the daemon process; returns whether it came up (within 30 s).
@@ -370,7 +403,10 @@ impl HostDaemon {
             if self.log_text().contains(needle) {
                 return true;
             }
-            let exited = self.child.as_mut().is_none_or(|c| c.try_wait().ok().flatten().is_some());
+            let exited = self
+                .child
+                .as_mut()
+                .is_none_or(|c| c.try_wait().ok().flatten().is_some());
             if exited || Instant::now() > deadline {
                 return self.log_text().contains(needle);
             }
@@ -411,7 +447,10 @@ impl HostDaemon {
     pub fn wait_verdict(&self, peer_port: u16, timeout: Duration) -> Option<Value> {
         let deadline = Instant::now() + timeout;
         loop {
-            let found = self.events().into_iter().find(|e| peer_port_of(e) == Some(peer_port));
+            let found = self
+                .events()
+                .into_iter()
+                .find(|e| peer_port_of(e) == Some(peer_port));
             if found.is_some() || Instant::now() > deadline {
                 return found;
             }
@@ -425,7 +464,11 @@ impl HostDaemon {
             .args(["ls", "--json", "--instance", &self.instance])
             .output()
             .expect("run lull ls");
-        assert!(out.status.success(), "lull ls: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "lull ls: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: Value = serde_json::from_slice(&out.stdout).expect("lull ls --json prints JSON");
         v.as_array().expect("a JSON array").clone()
     }

@@ -74,7 +74,9 @@ fn connections_that_exist_at_start_are_picked_up() {
     let Some(s) = setup(TEST) else { return };
     let before: Vec<TcpStream> = (0..3).map(|_| s.client()).collect();
     assert_eq!(s.idle_of(&before[0]), 7200, "untouched before lull starts");
-    let Some(daemon) = HostDaemon::start(TEST, &rules(&s.cgroup.path, 3)) else { return };
+    let Some(daemon) = HostDaemon::start(TEST, &rules(&s.cgroup.path, 3)) else {
+        return;
+    };
     let log = daemon.log_text();
     assert!(
         log.contains("picked up 3 (redis: 3)"),
@@ -106,7 +108,9 @@ fn sighup_applies_a_changed_rule_to_new_connections_and_refuses_a_bad_file() {
     const TEST: &str = "host_sighup";
     let _serial = serial();
     let Some(s) = setup(TEST) else { return };
-    let Some(mut daemon) = HostDaemon::start(TEST, &rules(&s.cgroup.path, 2)) else { return };
+    let Some(mut daemon) = HostDaemon::start(TEST, &rules(&s.cgroup.path, 2)) else {
+        return;
+    };
     let old = s.client();
     assert_eq!(s.idle_of(&old), 2);
 
@@ -118,8 +122,16 @@ fn sighup_applies_a_changed_rule_to_new_connections_and_refuses_a_bad_file() {
         daemon.log_text()
     );
     let new = s.client();
-    assert_eq!(s.idle_of(&new), 7, "the changed rule applies to new connections");
-    assert_eq!(s.idle_of(&old), 2, "established connections keep their options");
+    assert_eq!(
+        s.idle_of(&new),
+        7,
+        "the changed rule applies to new connections"
+    );
+    assert_eq!(
+        s.idle_of(&old),
+        2,
+        "established connections keep their options"
+    );
     assert_eq!(daemon.ls().len(), 2, "no state was dropped");
 
     // A bad file on SIGHUP: refused with file, line and reason; the running rules stay.
@@ -143,7 +155,9 @@ fn after_sigkill_policy_stays_and_a_restart_reports_what_died_meanwhile() {
     const TEST: &str = "host_restart";
     let _serial = serial();
     let Some(s) = setup(TEST) else { return };
-    let Some(mut daemon) = HostDaemon::start(TEST, &rules(&s.cgroup.path, 2)) else { return };
+    let Some(mut daemon) = HostDaemon::start(TEST, &rules(&s.cgroup.path, 2)) else {
+        return;
+    };
     let (reset, closed, vanished) = (s.client(), s.client(), s.client());
     let ports = [port_of(&reset), port_of(&closed), port_of(&vanished)];
     let cookies: HashSet<u64> = daemon
@@ -163,16 +177,26 @@ fn after_sigkill_policy_stays_and_a_restart_reports_what_died_meanwhile() {
     drop(closed);
     let port = ports[2].to_string();
     for (chain, dir) in [("OUTPUT", "--sport"), ("INPUT", "--dport")] {
-        iptables_in(&s.ns.a, &["-A", chain, "-p", "tcp", dir, &port, "-j", "DROP"]);
+        iptables_in(
+            &s.ns.a,
+            &["-A", chain, "-p", "tcp", dir, &port, "-j", "DROP"],
+        );
     }
     let during = s.client();
-    assert_eq!(s.idle_of(&during), 2, "policy stays applied while lull is down");
+    assert_eq!(
+        s.idle_of(&during),
+        2,
+        "policy stays applied while lull is down"
+    );
     // Let the vanished one die (2 + 3 × 1 s) before lull comes back.
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline && s.redis_has(ports[2]) {
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(daemon.events().is_empty(), "nothing was read while lull was down");
+    assert!(
+        daemon.events().is_empty(),
+        "nothing was read while lull was down"
+    );
 
     assert!(daemon.spawn(), "restart: {}", daemon.log_text());
     let want = [
@@ -203,8 +227,8 @@ fn after_sigkill_policy_stays_and_a_restart_reports_what_died_meanwhile() {
 impl Setup {
     /// Whether redis still has an ESTABLISHED socket to `peer_port` (in its namespace).
     fn redis_has(&self, peer_port: u16) -> bool {
-        let text =
-            std::fs::read_to_string(format!("/proc/{}/net/tcp", self.redis.pid())).unwrap_or_default();
+        let text = std::fs::read_to_string(format!("/proc/{}/net/tcp", self.redis.pid()))
+            .unwrap_or_default();
         text.lines().skip(1).any(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             let port = f

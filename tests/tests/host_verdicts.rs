@@ -44,7 +44,20 @@ fn redis_ping(s: &mut TcpStream) {
 /// MQTT CONNECT (protocol 4, clean session, MQTT keepalive 0 so the broker never drops an
 /// idle client), then the CONNACK.
 fn mqtt_connect(s: &mut TcpStream, id: &str) {
-    let mut packet = vec![0x10, (12 + id.len()) as u8, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 0];
+    let mut packet = vec![
+        0x10,
+        (12 + id.len()) as u8,
+        0,
+        4,
+        b'M',
+        b'Q',
+        b'T',
+        b'T',
+        4,
+        2,
+        0,
+        0,
+    ];
     packet.extend_from_slice(&(id.len() as u16).to_be_bytes());
     packet.extend_from_slice(id.as_bytes());
     s.write_all(&packet).expect("send CONNECT");
@@ -81,11 +94,21 @@ impl End {
 fn redis_and_mosquitto_connections_get_their_verdicts_and_other_cgroups_are_untouched() {
     const TEST: &str = "host_verdicts";
     let _serial = serial();
-    let Some(ns) = NetnsPair::create(TEST) else { return };
-    let Some(watched) = TestCgroup::create(TEST, "watched") else { return };
-    let Some(other) = TestCgroup::create(TEST, "other") else { return };
-    let Some(redis) = NsServer::redis(TEST, &watched, &ns.b, REDIS) else { return };
-    let Some(mqtt) = NsServer::mosquitto(TEST, &watched, &ns.b, MQTT) else { return };
+    let Some(ns) = NetnsPair::create(TEST) else {
+        return;
+    };
+    let Some(watched) = TestCgroup::create(TEST, "watched") else {
+        return;
+    };
+    let Some(other) = TestCgroup::create(TEST, "other") else {
+        return;
+    };
+    let Some(redis) = NsServer::redis(TEST, &watched, &ns.b, REDIS) else {
+        return;
+    };
+    let Some(mqtt) = NsServer::mosquitto(TEST, &watched, &ns.b, MQTT) else {
+        return;
+    };
     let Some(redis_other) = NsServer::redis(TEST, &other, &ns.b, REDIS_UNWATCHED) else {
         return;
     };
@@ -106,7 +129,9 @@ fn redis_and_mosquitto_connections_get_their_verdicts_and_other_cgroups_are_unto
         cg = watched.path.display(),
         a = ns.addr_a,
     );
-    let Some(daemon) = HostDaemon::start(TEST, &rules) else { return };
+    let Some(daemon) = HostDaemon::start(TEST, &rules) else {
+        return;
+    };
 
     // Clients: three per watched server from namespace a, an IPv6 one per watched server
     // over namespace b's loopback, and two to the server in the other cgroup.
@@ -152,8 +177,17 @@ fn redis_and_mosquitto_connections_get_their_verdicts_and_other_cgroups_are_unto
         user_timeout: 0,
     };
     for (server, _, c) in &clients {
-        let pid = if *server == "redis" { redis.pid() } else { mqtt.pid() };
-        assert_eq!(server_opts(pid, port_of(c)), lull_opts, "{server} client {}", port_of(c));
+        let pid = if *server == "redis" {
+            redis.pid()
+        } else {
+            mqtt.pid()
+        };
+        assert_eq!(
+            server_opts(pid, port_of(c)),
+            lull_opts,
+            "{server} client {}",
+            port_of(c)
+        );
     }
     let defaults = KeepaliveOpts {
         keepalive: 0,
@@ -171,7 +205,10 @@ fn redis_and_mosquitto_connections_get_their_verdicts_and_other_cgroups_are_unto
     }
     let ss = ss_timers(&ns.b);
     for line in ss.lines() {
-        let local_port = line.split_whitespace().nth(2).and_then(|a| a.rsplit(':').next());
+        let local_port = line
+            .split_whitespace()
+            .nth(2)
+            .and_then(|a| a.rsplit(':').next());
         match local_port.and_then(|p| p.parse::<u16>().ok()) {
             Some(REDIS_UNWATCHED) => assert!(!line.contains("keepalive"), "ss -o: {line}"),
             Some(REDIS | MQTT) => assert!(line.contains("timer:(keepalive"), "ss -o: {line}"),
@@ -196,7 +233,10 @@ fn redis_and_mosquitto_connections_get_their_verdicts_and_other_cgroups_are_unto
         }
     }
     for c in &unwatched {
-        assert!(!listed.contains_key(&port_of(c)), "an unwatched connection is listed");
+        assert!(
+            !listed.contains_key(&port_of(c)),
+            "an unwatched connection is listed"
+        );
     }
     assert_eq!(rows.len(), clients.len(), "{rows:?}");
 
@@ -241,21 +281,38 @@ fn redis_and_mosquitto_connections_get_their_verdicts_and_other_cgroups_are_unto
         let (verdict, after) = seen
             .get(&port)
             .unwrap_or_else(|| panic!("no verdict for {server} client {port} ({end:?})"));
-        eprintln!("{server} client {port} ({end:?}): {} after {after:?}", verdict["verdict"]);
+        eprintln!(
+            "{server} client {port} ({end:?}): {} after {after:?}",
+            verdict["verdict"]
+        );
         if end == End::Vanish {
             assert!(
                 *after <= bound,
                 "{server}: keepalive_timeout after {after:?}, over the bound {bound:?}"
             );
         }
-        assert_eq!(verdict["verdict"], end.verdict(), "{server} {end:?}: {verdict}");
+        assert_eq!(
+            verdict["verdict"],
+            end.verdict(),
+            "{server} {end:?}: {verdict}"
+        );
         assert_eq!(verdict["rule"], server);
         assert_eq!(verdict["cookie"].as_u64(), Some(cookie), "{verdict}");
-        assert!(verdict["age_s"].as_f64().is_some_and(|a| a > 0.0), "{verdict}");
-        assert!(cookies.insert(cookie), "one verdict per connection: {verdict}");
+        assert!(
+            verdict["age_s"].as_f64().is_some_and(|a| a > 0.0),
+            "{verdict}"
+        );
+        assert!(
+            cookies.insert(cookie),
+            "one verdict per connection: {verdict}"
+        );
     }
     let all = daemon.events();
     let per_cookie: HashSet<u64> = all.iter().filter_map(|e| e["cookie"].as_u64()).collect();
-    assert_eq!(per_cookie.len(), all.len(), "no connection got two verdicts: {all:?}");
+    assert_eq!(
+        per_cookie.len(),
+        all.len(),
+        "no connection got two verdicts: {all:?}"
+    );
     drop((unwatched, silent));
 }
