@@ -58,6 +58,8 @@ pub const SOCK_OPS_PROG: &str = "lull_host_sock_ops";
 pub const PICKUP_PROG: &str = "lull_host_pickup";
 /// The `iter/tcp` program that lists watched connections.
 pub const LIST_PROG: &str = "lull_host_list";
+/// The `iter/task_file` program that finds the process holding each watched socket.
+pub const OWNERS_PROG: &str = "lull_host_owners";
 /// The `iter/bpf_map` program that reads the kernel's jiffies and monotonic clock together.
 pub const CLOCK_PROG: &str = "lull_host_clock";
 
@@ -380,6 +382,20 @@ pub struct ListRecord {
     pub remote_addr: [u8; 16],
 }
 
+/// A process holding a watched socket, as the owners iterator writes it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OwnerRecord {
+    /// The socket's cookie.
+    pub cookie: u64,
+    /// The process (thread group) id.
+    pub pid: u32,
+    /// The file descriptor number in that process.
+    pub fd: u32,
+    /// The command name (`task_struct.comm`), NUL-padded.
+    pub comm: [u8; 16],
+}
+
 /// One socket the pickup iterator looked at that a rule matched.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -425,6 +441,8 @@ mod user {
     unsafe impl aya::Pod for ListRecord {}
     // SAFETY: see above.
     unsafe impl aya::Pod for PickupRecord {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for OwnerRecord {}
 }
 
 // The layouts are the interface: pin their sizes so a change is deliberate.
@@ -440,3 +458,4 @@ const _: () = assert!(core::mem::size_of::<RuleName>() == 16 + MAX_NAME);
 const _: () = assert!(core::mem::size_of::<ClockRecord>() == 24);
 const _: () = assert!(core::mem::size_of::<ListRecord>() == 80);
 const _: () = assert!(core::mem::size_of::<PickupRecord>() == 16);
+const _: () = assert!(core::mem::size_of::<OwnerRecord>() == 32);

@@ -24,7 +24,7 @@ use aya_ebpf::{
     helpers::generated::{
         bpf_get_socket_cookie, bpf_getsockopt, bpf_jiffies64, bpf_ktime_get_ns,
         bpf_probe_read_kernel, bpf_seq_write, bpf_setsockopt, bpf_sk_storage_delete,
-        bpf_sk_storage_get, bpf_skc_to_tcp_sock,
+        bpf_sk_storage_get, bpf_skc_to_tcp_sock, bpf_sock_from_file,
     },
     macros::{btf_map, sock_ops},
     maps::lpm_trie::Key,
@@ -32,7 +32,7 @@ use aya_ebpf::{
 };
 use lull_common::host::{
     CgroupKey, CidrKey, ClockRecord, HostConfig, ListRecord, MAX_CGROUP_DEPTH, MAX_CIDRS,
-    MAX_RULE_CGROUPS, MAX_RULES, PORT_MAP_ENTRIES, PickupRecord, RULE_SLOTS, RuleBank,
+    MAX_RULE_CGROUPS, MAX_RULES, OwnerRecord, PORT_MAP_ENTRIES, PickupRecord, RULE_SLOTS, RuleBank,
     RuleCounters, RuleName, RuleSpec, SockRecord, VERDICT_RING_BYTES, VerdictEvent, pickup,
     port_word_index, rule_flags, sock_flags, verdict,
 };
@@ -105,6 +105,22 @@ static HOST_SK_SOCKET_OFF: u32 = 0;
 /// `socket_alloc.socket`, plus `inode.i_ino`).
 #[unsafe(no_mangle)]
 static HOST_SOCKET_INO_OFF: u32 = 0;
+
+/// `socket.sk`.
+#[unsafe(no_mangle)]
+static HOST_SOCKET_SK_OFF: u32 = 0;
+/// `sock_common.skc_cookie`: the socket cookie, 0 until something asks for it.
+#[unsafe(no_mangle)]
+static HOST_COOKIE_OFF: u32 = 0;
+/// `sock.sk_bpf_storage`: non-NULL when the socket has BPF socket storage.
+#[unsafe(no_mangle)]
+static HOST_SK_STORAGE_OFF: u32 = 0;
+/// `task_struct.tgid`.
+#[unsafe(no_mangle)]
+static HOST_TASK_TGID_OFF: u32 = 0;
+/// `task_struct.comm`.
+#[unsafe(no_mangle)]
+static HOST_TASK_COMM_OFF: u32 = 0;
 
 #[inline(always)]
 fn off(global: &'static u32) -> usize {
@@ -681,6 +697,73 @@ pub extern "C" fn lull_host_list(ctx: *mut BpfIterTcp) -> i32 {
             _pad: [0; 4],
             local_addr: local,
             remote_addr: remote,
+        }
+    };
+    seq_write(seq, &out);
+    0
+}
+
+/// `struct bpf_iter__task_file`.
+#[repr(C)]
+pub struct BpfIterTaskFile {
+    pub meta: *mut BpfIterMeta,
+    pub task: *mut u8,
+    pub fd: u32,
+    pub file: *mut u8,
+}
+
+/// For every open file of every process (threads sharing a file table are visited once)
+/// that may be a watched socket: its cookie and the process. This is how `lull ls` names a
+/// socket's process without reading `/proc/*/fd` (a `readlink` per descriptor on the host).
+///
+/// The verifier will not pass a socket reached from a file to `bpf_sk_storage_get` (the
+/// pointer is "untrusted"), so this reads two fields instead: the socket cookie, which is 0
+/// until something (host mode's `sock_ops`, for a watched socket) asks for it, and
+/// `sk_bpf_storage`, NULL unless the socket has BPF socket storage. A socket with both is
+/// written; userspace keeps the ones whose cookie `lull ls` lists.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/task_file")]
+pub extern "C" fn lull_host_owners(ctx: *mut BpfIterTaskFile) -> i32 {
+    // SAFETY: the iterator's context is valid for the call; `meta` is never NULL.
+    let (file, task, fd, seq) = unsafe {
+        (
+            (*ctx).file,
+            (*ctx).task,
+            (*ctx).fd,
+            (*(*ctx).meta).seq,
+        )
+    };
+    if file.is_null() || task.is_null() {
+        return 0;
+    }
+    // SAFETY: a non-null `struct file`; the helper returns NULL unless it is a socket.
+    let socket = unsafe { bpf_sock_from_file(file.cast()) }.cast::<u8>();
+    if socket.is_null() {
+        return 0;
+    }
+    // SAFETY (this and the loads below): loads at BTF offsets from non-null kernel objects;
+    // the verifier turns loads through the untrusted socket pointer into faulting-safe ones.
+    let sk = unsafe { load::<*mut u8>(socket, off(&HOST_SOCKET_SK_OFF)) };
+    if sk.is_null() {
+        return 0;
+    }
+    // SAFETY: see above.
+    let (cookie, storage) = unsafe {
+        (
+            load::<u64>(sk, off(&HOST_COOKIE_OFF)),
+            load::<u64>(sk, off(&HOST_SK_STORAGE_OFF)),
+        )
+    };
+    if cookie == 0 || storage == 0 {
+        return 0;
+    }
+    // SAFETY: see above.
+    let out = unsafe {
+        OwnerRecord {
+            cookie,
+            pid: load::<u32>(task, off(&HOST_TASK_TGID_OFF)),
+            fd,
+            comm: load16(task, off(&HOST_TASK_COMM_OFF)),
         }
     };
     seq_write(seq, &out);

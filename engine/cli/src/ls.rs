@@ -2,7 +2,7 @@
 //! tables.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     fmt::Write as _,
     io::{self, Write as _},
     process::ExitCode,
@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::Result;
 use clap::Args;
-use lull::host::{Connection, HostPaths, Listing, list, owners, tcp_state_name};
+use lull::host::{Connection, HostPaths, Listing, Owner, list, owners, tcp_state_name};
 
 /// List the connections a running `lull host` watches.
 ///
@@ -32,7 +32,8 @@ pub struct LsArgs {
     /// Only connections idle (no segment either way) at least this long, e.g. 30s.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub min_idle: Option<Duration>,
-    /// Skip finding each socket's process (a scan of /proc/*/fd).
+    /// Skip finding each socket's process (one more kernel iterator run, over every open
+    /// file on the host).
     #[arg(long)]
     pub no_process: bool,
     /// Instance name, as given to `lull host --instance`.
@@ -41,7 +42,8 @@ pub struct LsArgs {
 }
 
 pub fn run(args: &LsArgs) -> Result<ExitCode> {
-    let listing = list(&HostPaths::new(&args.instance))?;
+    let paths = HostPaths::new(&args.instance);
+    let listing = list(&paths)?;
     let rows: Vec<&Connection> = listing
         .connections
         .iter()
@@ -56,10 +58,9 @@ pub fn run(args: &LsArgs) -> Result<ExitCode> {
         .filter(|c| args.min_idle.is_none_or(|m| c.idle() >= m))
         .collect();
     let owners = if args.no_process {
-        Default::default()
+        Owners::default()
     } else {
-        let inodes: HashSet<u64> = rows.iter().map(|c| c.inode).filter(|&i| i != 0).collect();
-        owners(&inodes)
+        owners(&paths)?
     };
     let stdout = io::stdout();
     let mut out = io::BufWriter::with_capacity(1 << 20, stdout.lock());
@@ -91,8 +92,8 @@ pub fn run(args: &LsArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Socket inode to (pid, command).
-type Owners = HashMap<u64, (u32, String)>;
+/// Socket cookie to the process holding it.
+type Owners = HashMap<u64, Owner>;
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text.trim())
@@ -134,12 +135,14 @@ fn write_json(
             secs(c.watched_for),
             c.picked_up,
         );
-        match owners.get(&c.inode) {
-            Some((pid, comm)) => {
+        match owners.get(&c.cookie) {
+            Some(o) => {
                 let _ = write!(
                     line,
-                    "{{\"pid\":{pid},\"comm\":{}}}}}",
-                    serde_json::to_string(comm).unwrap_or_default()
+                    "{{\"pid\":{},\"fd\":{},\"comm\":{}}}}}",
+                    o.pid,
+                    o.fd,
+                    serde_json::to_string(&o.comm).unwrap_or_default()
                 );
             }
             None => line.push_str("null}"),
@@ -162,8 +165,8 @@ fn write_table(
     )?;
     for c in rows {
         let proc = owners
-            .get(&c.inode)
-            .map_or_else(|| "-".to_string(), |(pid, comm)| format!("{comm}[{pid}]"));
+            .get(&c.cookie)
+            .map_or_else(|| "-".to_string(), |o| format!("{}[{}]", o.comm, o.pid));
         writeln!(
             out,
             "{:<20} {:<28} {:<28} {:<16} {:<22} {:>8.1}s {:>8.1}s {:>6}  {}",

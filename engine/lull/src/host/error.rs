@@ -124,7 +124,7 @@ fn program_error(err: &aya::programs::ProgramError) -> String {
             verifier_log,
         } => {
             let log = verifier_log.to_string();
-            let tail: Vec<&str> = log.lines().rev().take(12).collect();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
             format!(
                 "BPF_PROG_LOAD: {io_error}; the verifier's log ends:\n{}",

@@ -6,7 +6,8 @@
 //! - `sock_ops`: the `sock_ops` program;
 //! - `links/<cgroup id>`: one cgroup link per attached cgroup. Pinned links stay attached while
 //!   no process holds them, which is what keeps policy applied while `lull host` is down;
-//! - `list`: the list iterator's link, which `lull ls` opens like a file.
+//! - `list`, `owners`: the list and owners iterators' links, which `lull ls` opens like
+//!   files.
 //!
 //! A new `lull host` loads fresh programs (with this kernel's offsets) and swaps them into the
 //! pinned links with `BPF_LINK_UPDATE`, which is atomic: no connection is established
@@ -29,7 +30,7 @@ use aya::{
 use lull_common::host::{
     CLOCK_PROG, CgroupKey, CidrKey, HOST_BANKS_MAP, HOST_CGROUPS_MAP, HOST_CIDRS_MAP,
     HOST_CONFIG_MAP, HOST_COUNTERS_MAP, HOST_NAMES_MAP, HOST_PORTS_MAP, HOST_SOCKS_MAP,
-    HOST_VERDICTS_MAP, HostConfig, LIST_PROG, MAX_CIDRS, MAX_RULE_CGROUPS, PICKUP_PROG,
+    HOST_VERDICTS_MAP, HostConfig, LIST_PROG, MAX_CIDRS, MAX_RULE_CGROUPS, OWNERS_PROG, PICKUP_PROG,
     PORT_MAP_ENTRIES, RULE_SLOTS, RuleBank, RuleCounters, RuleName, SOCK_OPS_PROG, SockRecord,
     VERDICT_RING_BYTES,
 };
@@ -72,6 +73,10 @@ impl HostPaths {
 
     pub(crate) fn list_link(&self) -> PathBuf {
         self.pins.join("list")
+    }
+
+    pub(crate) fn owners_link(&self) -> PathBuf {
+        self.pins.join("owners")
     }
 }
 
@@ -160,6 +165,7 @@ impl Kernel {
         for (name, target) in [
             (PICKUP_PROG, "tcp"),
             (LIST_PROG, "tcp"),
+            (OWNERS_PROG, "task_file"),
             (CLOCK_PROG, "bpf_map"),
         ] {
             let iter: &mut Iter = program(&mut ebpf, name)?;
@@ -172,16 +178,13 @@ impl Kernel {
                 name,
             )?);
         }
-        let clock_link = links.pop().expect("three links");
-        let list_link = links.pop().expect("three links");
-        let pickup_link = links.pop().expect("three links");
-        // `lull ls` opens this pin; a new one replaces the old in one rename. (bpffs refuses
-        // names with a dot: they are reserved for the kernel's own files.)
-        let tmp = paths.pins.join("list-new");
-        let _ = std::fs::remove_file(&tmp);
-        sys::obj_pin(list_link.as_fd(), &tmp)?;
-        std::fs::rename(&tmp, paths.list_link())
-            .map_err(|e| HostError::syscall(format!("rename {}", tmp.display()), e))?;
+        let Ok([pickup_link, list_link, owners_link, clock_link]) = <[OwnedFd; 4]>::try_from(links)
+        else {
+            unreachable!("one link per iterator program");
+        };
+        // `lull ls` opens these pins.
+        replace_pin(list_link.as_fd(), &paths.list_link())?;
+        replace_pin(owners_link.as_fd(), &paths.owners_link())?;
 
         let ports_data = map_data(&mut ebpf, HOST_PORTS_MAP)?;
         let ports = Ports::map(ports_data.fd().as_fd())?;
@@ -225,12 +228,7 @@ impl Kernel {
     /// Pins the current `sock_ops` program (for `bpftool prog show pinned`), replacing the pin
     /// of an earlier run.
     fn pin_sock_ops(&self) -> Result<(), HostError> {
-        let path = self.paths.pins.join("sock_ops");
-        let tmp = self.paths.pins.join("sock_ops-new");
-        let _ = std::fs::remove_file(&tmp);
-        sys::obj_pin(self.sock_ops_fd()?, &tmp)?;
-        std::fs::rename(&tmp, &path)
-            .map_err(|e| HostError::syscall(format!("rename {}", tmp.display()), e))
+        replace_pin(self.sock_ops_fd()?, &self.paths.pins.join("sock_ops"))
     }
 
     /// Makes the `sock_ops` program run for exactly the cgroups `wanted` (id, path): updates
@@ -282,6 +280,18 @@ impl Kernel {
         }
         Ok(made)
     }
+}
+
+/// Pins `fd` at `path`, replacing what was pinned there in one rename, so a reader never
+/// finds the path missing. (bpffs refuses names with a dot: those are the kernel's.)
+fn replace_pin(fd: BorrowedFd<'_>, path: &Path) -> Result<(), HostError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push("-new");
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    sys::obj_pin(fd, &tmp)?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| HostError::syscall(format!("rename {} to {}", tmp.display(), path.display()), e))
 }
 
 /// Removes everything instance `paths` pinned: links (which detaches the programs), programs

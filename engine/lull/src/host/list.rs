@@ -7,7 +7,7 @@
 //! nothing per packet.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     net::SocketAddr,
     path::Path,
     time::Duration,
@@ -16,7 +16,7 @@ use std::{
 use aya::maps::{Array, Map, MapData, PerCpuArray};
 use lull_common::host::{
     ClockRecord, HOST_CONFIG_MAP, HOST_COUNTERS_MAP, HOST_NAMES_MAP, HostConfig, ListRecord,
-    RULE_SLOTS, RuleCounters, RuleName, sock_flags,
+    OwnerRecord, RULE_SLOTS, RuleCounters, RuleName, sock_flags,
 };
 
 use super::{
@@ -45,7 +45,7 @@ pub struct Connection {
     pub probes_out: u8,
     /// TCP state (see [`super::tcp_state_name`]).
     pub state: u8,
-    /// The socket's inode (0 if no process holds it); [`owners`] maps it to a process.
+    /// The socket's inode (as `ss -e` shows it as `ino:`; 0 once no file refers to it).
     pub inode: u64,
     /// Whether it was picked up after establishment.
     pub picked_up: bool,
@@ -170,51 +170,39 @@ pub fn list(paths: &HostPaths) -> Result<Listing, HostError> {
     Ok(listing)
 }
 
-/// The process holding each socket inode of `inodes`: pid and command name, from
-/// `/proc/*/fd`. Sockets no process holds (orphaned, closing) are absent.
-pub fn owners(inodes: &HashSet<u64>) -> HashMap<u64, (u32, String)> {
-    let mut out = HashMap::new();
-    if inodes.is_empty() {
-        return out;
-    }
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in procs.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
-            continue;
-        };
-        let mut comm: Option<String> = None;
-        for fd in fds.flatten() {
-            let Ok(target) = std::fs::read_link(fd.path()) else {
-                continue;
-            };
-            let Some(inode) = target
-                .to_str()
-                .and_then(|t| t.strip_prefix("socket:["))
-                .and_then(|t| t.strip_suffix(']'))
-                .and_then(|t| t.parse::<u64>().ok())
-            else {
-                continue;
-            };
-            if inodes.contains(&inode) {
-                let name = comm.get_or_insert_with(|| {
-                    std::fs::read_to_string(entry.path().join("comm"))
-                        .map(|c| c.trim().to_string())
-                        .unwrap_or_default()
-                });
-                out.insert(inode, (pid, name.clone()));
+/// A process holding a watched socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    /// Process id.
+    pub pid: u32,
+    /// The socket's file descriptor in it.
+    pub fd: u32,
+    /// Command name.
+    pub comm: String,
+}
+
+/// The process holding each watched socket, by cookie, from the pinned owners iterator: the
+/// kernel walks every process's files and writes a record for each watched socket, so this
+/// costs no `readlink` per descriptor. Sockets no process holds (orphaned, closing) are
+/// absent; a socket shared by several processes is named once.
+pub fn owners(paths: &HostPaths) -> Result<HashMap<u64, Owner>, HostError> {
+    let link = paths.owners_link();
+    let file = std::fs::File::open(&link)
+        .map_err(|e| HostError::syscall(format!("open {}", link.display()), e))?;
+    let bytes = iter::read_all(file, "owners")?;
+    let records = iter::records::<OwnerRecord>(&bytes, "owners")?;
+    let mut out = HashMap::with_capacity(records.len());
+    for r in records {
+        out.entry(r.cookie).or_insert_with(|| {
+            let len = r.comm.iter().position(|&b| b == 0).unwrap_or(r.comm.len());
+            Owner {
+                pid: r.pid,
+                fd: r.fd,
+                comm: String::from_utf8_lossy(&r.comm[..len]).into_owned(),
             }
-        }
+        });
     }
-    out
+    Ok(out)
 }
 
 /// The kernel's per-rule counters and rule names, read from the pins (for metrics and

@@ -41,6 +41,11 @@ pub(crate) fn read(btf: &KernelBtf) -> Result<Vec<(&'static str, u32)>, BtfError
         ),
         ("HOST_SK_SOCKET_OFF", of("sock", "sk_socket")?),
         ("HOST_SOCKET_INO_OFF", socket_ino),
+        ("HOST_SOCKET_SK_OFF", of("socket", "sk")?),
+        ("HOST_COOKIE_OFF", of("sock_common", "skc_cookie")?),
+        ("HOST_SK_STORAGE_OFF", of("sock", "sk_bpf_storage")?),
+        ("HOST_TASK_TGID_OFF", of("task_struct", "tgid")?),
+        ("HOST_TASK_COMM_OFF", of("task_struct", "comm")?),
     ])
 }
 
