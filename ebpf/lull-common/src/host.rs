@@ -27,9 +27,11 @@ pub const PORT_MAP_ENTRIES: usize = 2 * MAX_RULES * 2 * PORT_WORDS;
 pub const MAX_CIDRS: usize = 8192;
 /// Entries of [`HOST_CGROUPS_MAP`]: (bank, cgroup) pairs.
 pub const MAX_RULE_CGROUPS: usize = 2 * MAX_RULES;
-/// Bytes of the verdict ring buffer: about 160,000 [`VerdictEvent`]s (96 bytes plus the ring's
+/// Bytes of the verdict ring buffer: about 80,000 [`VerdictEvent`]s (96 bytes plus the ring's
 /// 8-byte header each) can wait there while nobody reads, for example while lull restarts.
-pub const VERDICT_RING_BYTES: usize = 16 << 20;
+/// The reader maps the ring twice over (the kernel's trick to read across the wrap), so this
+/// costs `lull host` twice as much resident memory, though the pages are the kernel's.
+pub const VERDICT_RING_BYTES: usize = 8 << 20;
 
 /// `Array<HostConfig, 1>`: which bank is in force, and facts for `lull ls`.
 pub const HOST_CONFIG_MAP: &str = "HOST_CONFIG";
@@ -221,8 +223,11 @@ pub struct SockRecord {
     pub slot: u16,
     /// [`sock_flags`].
     pub flags: u16,
-    /// Padding; always 0.
-    pub _pad: u32,
+    /// For a connection the pickup iterator picked up: the low 32 bits of that iterator
+    /// run's session id (0 otherwise). When a record does not fit the iterator's buffer the
+    /// kernel runs the program again for the same socket; this tells the second run that the
+    /// first one picked it up, so it writes the record again instead of skipping it.
+    pub session: u32,
 }
 
 /// A watched connection ended: one record of [`HOST_VERDICTS_MAP`].
@@ -352,9 +357,6 @@ pub struct ListRecord {
     pub cookie: u64,
     /// [`SockRecord::since_ns`].
     pub since_ns: u64,
-    /// The socket's inode number, to find the owning process in `/proc/*/fd` (0 if it has
-    /// no file any more).
-    pub inode: u64,
     /// Jiffies since the last segment was received (the smaller of `icsk_ack.lrcvtime` and
     /// `rcv_tstamp` ages, as the keepalive timer counts).
     pub idle_rx_jiffies: u32,
@@ -456,6 +458,6 @@ const _: () = assert!(core::mem::size_of::<VerdictEvent>() == 96);
 const _: () = assert!(core::mem::size_of::<RuleCounters>() == 8 * (4 + verdict::COUNT));
 const _: () = assert!(core::mem::size_of::<RuleName>() == 16 + MAX_NAME);
 const _: () = assert!(core::mem::size_of::<ClockRecord>() == 24);
-const _: () = assert!(core::mem::size_of::<ListRecord>() == 80);
+const _: () = assert!(core::mem::size_of::<ListRecord>() == 72);
 const _: () = assert!(core::mem::size_of::<PickupRecord>() == 16);
 const _: () = assert!(core::mem::size_of::<OwnerRecord>() == 32);

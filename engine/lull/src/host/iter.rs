@@ -27,13 +27,69 @@ pub(crate) fn read_all(
     Ok(out)
 }
 
+/// Reads an iterator run in chunks of about a megabyte of whole records (the first chunk
+/// starts with a `head`-byte header record), calling `f` with each until it returns false or
+/// the run ends. The kernel hands out a few pages per `read`, not always on a record boundary.
+pub(crate) fn read_chunks(
+    mut file: std::fs::File,
+    program: &'static str,
+    record: usize,
+    head: usize,
+    mut f: impl FnMut(Vec<u8>) -> bool,
+) -> Result<(), HostError> {
+    const CHUNK: usize = 1 << 20;
+    let mut buf: Vec<u8> = Vec::with_capacity(CHUNK);
+    let mut header = head;
+    loop {
+        let filled = buf.len();
+        buf.resize(CHUNK.max(filled + record), 0);
+        let n = loop {
+            match file.read(&mut buf[filled..]) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Err(HostError::syscall(format!("read({program} iterator)"), e));
+                }
+            }
+        };
+        buf.truncate(filled + n);
+        let eof = n == 0;
+        if !eof && buf.len() < CHUNK / 2 {
+            continue;
+        }
+        let usable = if buf.len() < header {
+            0
+        } else {
+            header + (buf.len() - header) / record * record
+        };
+        if usable > 0 {
+            let rest = buf.split_off(usable);
+            let chunk = std::mem::replace(&mut buf, rest);
+            header = 0;
+            if !f(chunk) {
+                return Ok(());
+            }
+            buf.reserve(CHUNK);
+        }
+        if eof {
+            if buf.is_empty() {
+                return Ok(());
+            }
+            return Err(HostError::IterOutput {
+                program,
+                len: buf.len(),
+            });
+        }
+    }
+}
+
 /// Splits iterator output into records of `T`.
 pub(crate) fn records<'a, T: aya::Pod>(
     bytes: &'a [u8],
     program: &'static str,
 ) -> Result<impl ExactSizeIterator<Item = T> + 'a, HostError> {
     let size = size_of::<T>();
-    if bytes.len() % size != 0 {
+    if !bytes.len().is_multiple_of(size) {
         return Err(HostError::IterOutput {
             program,
             len: bytes.len(),

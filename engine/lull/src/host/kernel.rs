@@ -30,9 +30,9 @@ use aya::{
 use lull_common::host::{
     CLOCK_PROG, CgroupKey, CidrKey, HOST_BANKS_MAP, HOST_CGROUPS_MAP, HOST_CIDRS_MAP,
     HOST_CONFIG_MAP, HOST_COUNTERS_MAP, HOST_NAMES_MAP, HOST_PORTS_MAP, HOST_SOCKS_MAP,
-    HOST_VERDICTS_MAP, HostConfig, LIST_PROG, MAX_CIDRS, MAX_RULE_CGROUPS, OWNERS_PROG, PICKUP_PROG,
-    PORT_MAP_ENTRIES, RULE_SLOTS, RuleBank, RuleCounters, RuleName, SOCK_OPS_PROG, SockRecord,
-    VERDICT_RING_BYTES,
+    HOST_VERDICTS_MAP, HostConfig, LIST_PROG, MAX_CIDRS, MAX_RULE_CGROUPS, OWNERS_PROG,
+    PICKUP_PROG, PORT_MAP_ENTRIES, RULE_SLOTS, RuleBank, RuleCounters, RuleName, SOCK_OPS_PROG,
+    SockRecord, VERDICT_RING_BYTES,
 };
 
 use super::{HostError, error::chain, offsets, sys};
@@ -117,7 +117,9 @@ const MAPS: [(&str, u32, u32, u32); 9] = [
 pub(crate) struct Kernel {
     pub(crate) config: Array<MapData, HostConfig>,
     pub(crate) banks: Array<MapData, RuleBank>,
-    pub(crate) ports: Ports,
+    /// Mapped only while rules are written ([`Kernel::ports`]): kept mapped, its 2 MiB
+    /// would count in the daemon's resident memory for nothing.
+    ports: MapData,
     pub(crate) cidrs: LpmTrie<MapData, CidrKey, u8>,
     pub(crate) cgroups: HashMap<MapData, CgroupKey, u64>,
     pub(crate) counters: PerCpuArray<MapData, RuleCounters>,
@@ -186,8 +188,7 @@ impl Kernel {
         replace_pin(list_link.as_fd(), &paths.list_link())?;
         replace_pin(owners_link.as_fd(), &paths.owners_link())?;
 
-        let ports_data = map_data(&mut ebpf, HOST_PORTS_MAP)?;
-        let ports = Ports::map(ports_data.fd().as_fd())?;
+        let ports = map_data(&mut ebpf, HOST_PORTS_MAP)?;
         let kernel = Self {
             config: typed(&mut ebpf, HOST_CONFIG_MAP)?,
             banks: typed(&mut ebpf, HOST_BANKS_MAP)?,
@@ -203,9 +204,13 @@ impl Kernel {
             paths: paths.clone(),
             ebpf,
         };
-        drop(ports_data);
         kernel.pin_sock_ops()?;
         Ok(kernel)
+    }
+
+    /// The port bitmaps, mapped for writing.
+    pub(crate) fn ports(&self) -> Result<Ports, HostError> {
+        Ports::map(self.ports.fd().as_fd())
     }
 
     fn sock_ops_fd(&self) -> Result<BorrowedFd<'_>, HostError> {
@@ -290,8 +295,9 @@ fn replace_pin(fd: BorrowedFd<'_>, path: &Path) -> Result<(), HostError> {
     let tmp = PathBuf::from(tmp);
     let _ = std::fs::remove_file(&tmp);
     sys::obj_pin(fd, &tmp)?;
-    std::fs::rename(&tmp, path)
-        .map_err(|e| HostError::syscall(format!("rename {} to {}", tmp.display(), path.display()), e))
+    std::fs::rename(&tmp, path).map_err(|e| {
+        HostError::syscall(format!("rename {} to {}", tmp.display(), path.display()), e)
+    })
 }
 
 /// Removes everything instance `paths` pinned: links (which detaches the programs), programs

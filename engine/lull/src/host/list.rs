@@ -6,12 +6,7 @@
 //! per-row system call. Idle times come from the kernel's own jiffies stamps, which cost
 //! nothing per packet.
 
-use std::{
-    collections::HashMap,
-    net::SocketAddr,
-    path::Path,
-    time::Duration,
-};
+use std::{collections::HashMap, net::SocketAddr, path::Path, sync::mpsc, time::Duration};
 
 use aya::maps::{Array, Map, MapData, PerCpuArray};
 use lull_common::host::{
@@ -45,8 +40,6 @@ pub struct Connection {
     pub probes_out: u8,
     /// TCP state (see [`super::tcp_state_name`]).
     pub state: u8,
-    /// The socket's inode (as `ss -e` shows it as `ino:`; 0 once no file refers to it).
-    pub inode: u64,
     /// Whether it was picked up after establishment.
     pub picked_up: bool,
     /// How long the rule has watched it.
@@ -62,15 +55,13 @@ impl Connection {
     }
 }
 
-/// Everything `lull ls` shows.
+/// What `lull ls` knows besides the rows.
 #[derive(Clone, Debug)]
-pub struct Listing {
-    /// The watched connections.
-    pub connections: Vec<Connection>,
+pub struct ListSummary {
     /// Rule names, by slot.
     pub rules: Vec<String>,
     /// Connections the kernel counts as watched (applied or picked up, minus closed). More
-    /// than `connections.len()` means some could not be listed (see `unreachable`).
+    /// than the rows listed means some could not be listed (see `unreachable`).
     pub watched: u64,
     /// Network namespaces listed.
     pub namespaces: usize,
@@ -78,7 +69,7 @@ pub struct Listing {
     pub unreachable: Vec<(Netns, String)>,
 }
 
-impl Listing {
+impl ListSummary {
     /// The name of the rule in `slot`.
     pub fn rule(&self, slot: u16) -> &str {
         self.rules
@@ -87,9 +78,34 @@ impl Listing {
     }
 }
 
-/// Lists the watched connections of instance `paths`. Fails with [`HostError::NotRunning`]
-/// when no `lull host` runs it.
+/// Every watched connection, collected.
+#[derive(Clone, Debug)]
+pub struct Listing {
+    /// The watched connections.
+    pub connections: Vec<Connection>,
+    /// The rest.
+    pub summary: ListSummary,
+}
+
+/// Lists the watched connections of instance `paths` into a [`Listing`]. Fails with
+/// [`HostError::NotRunning`] when no `lull host` runs it.
 pub fn list(paths: &HostPaths) -> Result<Listing, HostError> {
+    let mut connections = Vec::new();
+    let summary = list_each(paths, |c, _| connections.push(*c))?;
+    Ok(Listing {
+        connections,
+        summary,
+    })
+}
+
+/// Calls `f` with each watched connection of instance `paths` and its rule's name, as the
+/// kernel's iterators produce them: every network namespace is read on a thread of its own,
+/// in chunks, while `f` runs, so a caller that formats rows overlaps the kernel's walk of its
+/// TCP tables.
+pub fn list_each(
+    paths: &HostPaths,
+    mut f: impl FnMut(&Connection, &str),
+) -> Result<ListSummary, HostError> {
     if running(paths).is_none() {
         return Err(HostError::NotRunning {
             instance: paths.instance.clone(),
@@ -113,61 +129,104 @@ pub fn list(paths: &HostPaths) -> Result<Listing, HostError> {
         .hz
         .max(1);
     let counters = CountersReader::open(paths)?;
-    let rules = counters.names()?;
-    let watched = counters.read()?.iter().map(RuleCounters::watched).sum();
-
-    let namespaces = netns::all();
-    let runs = netns::each(&namespaces, || {
-        let file = std::fs::File::open(&link)
-            .map_err(|e| HostError::syscall(format!("open {}", link.display()), e))?;
-        iter::read_all(file, "list")
-    });
-    let jiffy_ns = 1_000_000_000 / u64::from(hz);
-    let mut listing = Listing {
-        connections: Vec::new(),
-        rules,
-        watched,
+    let mut summary = ListSummary {
+        rules: counters.names()?,
+        watched: counters.read()?.iter().map(RuleCounters::watched).sum(),
         namespaces: 0,
         unreachable: Vec::new(),
     };
-    for (ns, result) in runs {
-        let bytes = match result {
-            Ok(bytes) => bytes,
-            Err(err) => {
-                listing.unreachable.push((ns, err.to_string()));
-                continue;
-            }
-        };
-        listing.namespaces += 1;
-        let clock_len = size_of::<ClockRecord>();
-        if bytes.len() < clock_len {
-            continue;
+    let jiffy_ns = 1_000_000_000 / u64::from(hz);
+    let namespaces = netns::all();
+    let own = namespaces.first().map(|n| n.inode);
+    std::thread::scope(|scope| {
+        // Bounded: a slow consumer holds the readers back (at most 64 chunks in memory).
+        let (tx, rx) = mpsc::sync_channel::<(usize, Result<Vec<u8>, HostError>)>(64);
+        for (i, ns) in namespaces.iter().enumerate() {
+            let (tx, link) = (tx.clone(), &link);
+            scope.spawn(move || {
+                let result = (|| {
+                    if Some(ns.inode) != own {
+                        netns::enter(ns)?;
+                    }
+                    let file = std::fs::File::open(link)
+                        .map_err(|e| HostError::syscall(format!("open {}", link.display()), e))?;
+                    iter::read_chunks(
+                        file,
+                        "list",
+                        size_of::<ListRecord>(),
+                        size_of::<ClockRecord>(),
+                        |chunk| tx.send((i, Ok(chunk))).is_ok(),
+                    )
+                })();
+                if let Err(err) = result {
+                    let _ = tx.send((i, Err(err)));
+                }
+            });
         }
-        let clock = iter::records::<ClockRecord>(&bytes[..clock_len], "list")?
-            .next()
-            .filter(|c| c.magic == ClockRecord::MAGIC)
-            .ok_or(HostError::IterOutput {
-                program: "list",
-                len: bytes.len(),
-            })?;
-        let recs = iter::records::<ListRecord>(&bytes[clock_len..], "list")?;
-        listing.connections.reserve(recs.len());
-        listing.connections.extend(recs.map(|r| Connection {
-            cookie: r.cookie,
-            local: socket_addr(r.family, &r.local_addr, r.local_port),
-            peer: socket_addr(r.family, &r.remote_addr, r.remote_port),
-            slot: r.slot,
-            idle_rx: Duration::from_nanos(u64::from(r.idle_rx_jiffies) * jiffy_ns),
-            idle_tx: Duration::from_nanos(u64::from(r.idle_tx_jiffies) * jiffy_ns),
-            probes_out: r.probes_out,
-            state: r.state,
-            inode: r.inode,
-            picked_up: r.flags & sock_flags::PICKED_UP != 0,
-            watched_for: Duration::from_nanos(clock.ktime_ns.saturating_sub(r.since_ns)),
-            netns: ns.inode,
-        }));
-    }
-    Ok(listing)
+        drop(tx);
+        let mut clocks: Vec<Option<ClockRecord>> = vec![None; namespaces.len()];
+        let mut failed = vec![false; namespaces.len()];
+        for (i, chunk) in rx {
+            let mut bytes = match chunk {
+                Ok(bytes) => bytes,
+                Err(err) => {
+                    failed[i] = true;
+                    summary
+                        .unreachable
+                        .push((namespaces[i].clone(), err.to_string()));
+                    continue;
+                }
+            };
+            let mut at = 0;
+            if clocks[i].is_none() {
+                let clock = iter::records::<ClockRecord>(
+                    &bytes[..size_of::<ClockRecord>().min(bytes.len())],
+                    "list",
+                )
+                .ok()
+                .and_then(|mut c| c.next())
+                .filter(|c| c.magic == ClockRecord::MAGIC);
+                if clock.is_none() {
+                    failed[i] = true;
+                    summary.unreachable.push((
+                        namespaces[i].clone(),
+                        "the list iterator wrote no clock record".into(),
+                    ));
+                    continue;
+                }
+                clocks[i] = clock;
+                at = size_of::<ClockRecord>();
+            }
+            let Some(clock) = clocks[i] else { continue };
+            let netns = namespaces[i].inode;
+            let Ok(records) = iter::records::<ListRecord>(&bytes[at..], "list") else {
+                continue;
+            };
+            for r in records {
+                let rule = summary
+                    .rules
+                    .get(usize::from(r.slot))
+                    .map_or("?", String::as_str);
+                let c = Connection {
+                    cookie: r.cookie,
+                    local: socket_addr(r.family, &r.local_addr, r.local_port),
+                    peer: socket_addr(r.family, &r.remote_addr, r.remote_port),
+                    slot: r.slot,
+                    idle_rx: Duration::from_nanos(u64::from(r.idle_rx_jiffies) * jiffy_ns),
+                    idle_tx: Duration::from_nanos(u64::from(r.idle_tx_jiffies) * jiffy_ns),
+                    probes_out: r.probes_out,
+                    state: r.state,
+                    picked_up: r.flags & sock_flags::PICKED_UP != 0,
+                    watched_for: Duration::from_nanos(clock.ktime_ns.saturating_sub(r.since_ns)),
+                    netns,
+                };
+                f(&c, rule);
+            }
+            bytes.clear();
+        }
+        summary.namespaces = failed.iter().filter(|f| !**f).count();
+    });
+    Ok(summary)
 }
 
 /// A process holding a watched socket.

@@ -56,7 +56,7 @@ use lull_common::host::{RULE_SLOTS, RuleCounters, VerdictEvent};
 pub use error::HostError;
 pub use iter::{Missed, PickupReport};
 pub use kernel::HostPaths;
-pub use list::{Connection, CountersReader, Listing, Owner, list, owners};
+pub use list::{Connection, CountersReader, ListSummary, Listing, Owner, list, list_each, owners};
 pub use rules::{Action, Cidr, Keepalive, Rule, Rules, RulesError};
 pub use verdict::{Verdict, VerdictKind, tcp_state_name};
 

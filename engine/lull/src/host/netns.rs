@@ -67,6 +67,20 @@ fn inode_of(path: &Path) -> Option<u64> {
     std::fs::metadata(path).ok().map(|m| m.ino())
 }
 
+/// Moves the calling thread into namespace `ns` (for a thread made for that purpose).
+pub fn enter(ns: &Netns) -> Result<(), HostError> {
+    let file = File::open(&ns.path)
+        .map_err(|e| HostError::syscall(format!("open {}", ns.path.display()), e))?;
+    // The pid may have been reused since the namespace was found: check it is the same one.
+    if !file.metadata().is_ok_and(|m| m.ino() == ns.inode) {
+        return Err(HostError::syscall(
+            format!("open {}", ns.path.display()),
+            std::io::Error::other("the namespace went away"),
+        ));
+    }
+    sys::setns_net(file.as_fd())
+}
+
 /// Runs `f` in every namespace of `namespaces`: in this thread for the first (this process's
 /// own), on a thread of its own for each other. Returns, per namespace, what `f` returned or
 /// why the namespace could not be entered.

@@ -7,9 +7,6 @@ pub(crate) fn read(btf: &KernelBtf) -> Result<Vec<(&'static str, u32)>, BtfError
     let of = |s: &str, p: &str| btf.offset_of(s, p);
     // `struct kernfs_node::parent` became `__parent` (an RCU pointer) in Linux 6.15.
     let kn_parent = of("kernfs_node", "__parent").or_else(|_| of("kernfs_node", "parent"))?;
-    // The socket's inode sits right after it in `struct socket_alloc`.
-    let socket_ino =
-        of("socket_alloc", "vfs_inode")? - of("socket_alloc", "socket")? + of("inode", "i_ino")?;
     Ok(vec![
         ("HOST_SK_ERR_OFF", of("sock", "sk_err")?),
         (
@@ -39,12 +36,12 @@ pub(crate) fn read(btf: &KernelBtf) -> Result<Vec<(&'static str, u32)>, BtfError
             "HOST_LRCVTIME_OFF",
             of("inet_connection_sock", "icsk_ack.lrcvtime")?,
         ),
-        ("HOST_SK_SOCKET_OFF", of("sock", "sk_socket")?),
-        ("HOST_SOCKET_INO_OFF", socket_ino),
         ("HOST_SOCKET_SK_OFF", of("socket", "sk")?),
         ("HOST_COOKIE_OFF", of("sock_common", "skc_cookie")?),
         ("HOST_SK_STORAGE_OFF", of("sock", "sk_bpf_storage")?),
         ("HOST_TASK_TGID_OFF", of("task_struct", "tgid")?),
+        ("HOST_TASK_CGROUPS_OFF", of("task_struct", "cgroups")?),
+        ("HOST_CSS_DFL_CGRP_OFF", of("css_set", "dfl_cgrp")?),
         ("HOST_TASK_COMM_OFF", of("task_struct", "comm")?),
     ])
 }
@@ -79,6 +76,6 @@ mod tests {
                 .unwrap(),
             get("HOST_STATE_OFF")
         );
-        assert!(get("HOST_SOCKET_INO_OFF") > 0);
+        assert!(get("HOST_COOKIE_OFF") > 0);
     }
 }

@@ -191,6 +191,17 @@ pub(crate) fn prog_id(prog: BorrowedFd<'_>) -> Result<u32, HostError> {
     Ok(info[1])
 }
 
+/// Moves the calling thread into the network namespace `ns` (an open `/proc/PID/ns/net`).
+/// Only for threads made for it: the thread stays there.
+pub(crate) fn setns_net(ns: BorrowedFd<'_>) -> Result<(), HostError> {
+    // SAFETY: setns on an fd the caller keeps open for the call; it changes only the calling
+    // thread's network namespace.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(HostError::last_os("setns(CLONE_NEWNET)"));
+    }
+    Ok(())
+}
+
 /// Runs `f` on a new thread that has joined the network namespace `ns` (an open
 /// `/proc/PID/ns/net`). Only that thread changes namespace.
 pub(crate) fn in_netns<T: Send>(

@@ -136,11 +136,12 @@ pub(crate) fn apply(
     }
 
     // Port bitmaps: clear the bank's, then set each rule's.
+    let ports = kernel.ports()?;
     for position in 0..MAX_RULES as u32 {
         for remote in [false, true] {
             let first = port_word_index(bank, position, remote, 0);
             for w in first..first + PORT_WORDS as u32 {
-                kernel.ports.word(w).store(0, Ordering::Relaxed);
+                ports.word(w).store(0, Ordering::Relaxed);
             }
         }
     }
@@ -149,14 +150,15 @@ pub(crate) fn apply(
             for range in list {
                 for port in range.clone() {
                     let word = port_word_index(bank, position as u32, remote, port);
-                    kernel
-                        .ports
+                    ports
                         .word(word)
                         .fetch_or(1 << (port & 63), Ordering::Relaxed);
                 }
             }
         }
     }
+
+    drop(ports);
 
     // CIDRs and cgroup masks: remove the bank's old entries, add the new ones.
     let old_cidrs: Vec<Key<CidrKey>> = kernel
