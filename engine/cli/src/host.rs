@@ -7,7 +7,7 @@ use std::{
     io::{self, Write},
     os::{
         fd::{AsFd as _, AsRawFd as _},
-        unix::net::UnixStream,
+        unix::{fs::OpenOptionsExt as _, net::UnixStream},
     },
     path::PathBuf,
     process::ExitCode,
@@ -221,6 +221,8 @@ fn open_events(target: Option<&str>) -> Result<Option<Box<dyn Write>>> {
             OpenOptions::new()
                 .create(true)
                 .append(true)
+                // Verdicts name other processes' peers: not for everyone to read.
+                .mode(0o600)
                 .open(path)
                 .with_context(|| format!("opening --events {path}"))?,
         )),

@@ -143,6 +143,12 @@ impl Kernel {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| HostError::syscall(format!("mkdir {}", dir.display()), e))?;
         }
+        // Root only: the maps hold addresses and ports of other processes' connections.
+        std::fs::set_permissions(
+            &paths.pins,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .map_err(|e| HostError::syscall(format!("chmod 0700 {}", paths.pins.display()), e))?;
         let restarted = check_pinned_maps(paths)?;
         let offsets = offsets::read(&KernelBtf::load()?)?;
         let pins: Vec<(&str, PathBuf)> = MAPS.iter().map(|m| (m.0, paths.map(m.0))).collect();
