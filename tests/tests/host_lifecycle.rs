@@ -224,6 +224,45 @@ fn after_sigkill_policy_stays_and_a_restart_reports_what_died_meanwhile() {
     drop((during, vanished));
 }
 
+#[test]
+fn a_rule_follows_its_cgroup_when_the_service_restarts() {
+    const TEST: &str = "host_cgroup_again";
+    let _serial = serial();
+    let Some(s) = setup(TEST) else { return };
+    let Some(mut daemon) = HostDaemon::start(TEST, &rules(&s.cgroup.path, 4)) else {
+        return;
+    };
+    let before = s.client();
+    assert_eq!(s.idle_of(&before), 4);
+    drop(before);
+    // systemd restarts a unit by removing its cgroup and making it again: a new cgroup id,
+    // and the old link is defunct.
+    let Setup { ns, redis, cgroup } = s;
+    drop(redis);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::remove_dir(&cgroup.path).is_err() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::create_dir(&cgroup.path).expect("make the cgroup again");
+    assert!(
+        daemon.wait_log(Duration::from_secs(10), "cgroup changed"),
+        "{}",
+        daemon.log_text()
+    );
+    let Some(redis) = NsServer::redis(TEST, &cgroup, &ns.b, PORT) else {
+        return;
+    };
+    let s = Setup { ns, redis, cgroup };
+    let after = s.client();
+    assert_eq!(s.idle_of(&after), 4, "the rule applies in the new cgroup");
+    assert!(
+        daemon
+            .ls()
+            .iter()
+            .any(|r| peer_port_of(r) == Some(port_of(&after)))
+    );
+}
+
 impl Setup {
     /// Whether redis still has an ESTABLISHED socket to `peer_port` (in its namespace).
     fn redis_has(&self, peer_port: u16) -> bool {

@@ -72,8 +72,9 @@ pub struct StartReport {
     pub links_made: usize,
     /// Connections that existed, picked up or missed.
     pub pickup: PickupReport,
-    /// Verdicts lost while nobody read (the ring buffer was full), by rule, since the last
-    /// run reported them. Their connections are gone and cannot be named.
+    /// When verdicts were lost (the ring buffer was full) since the last start reported any:
+    /// each rule's count of lost verdicts since install. Empty when none were lost since.
+    /// Their connections are gone and cannot be named.
     pub lost: Vec<(String, u64)>,
     /// The kernel's HZ, as measured.
     pub hz: u32,
@@ -262,7 +263,8 @@ impl Host {
         read_counters(&self.kernel)
     }
 
-    /// Lost verdicts not reported yet, by rule; marks them reported.
+    /// Each rule's lost verdicts (totals since install) if any were lost since the last report;
+    /// marks them reported.
     fn take_lost(&mut self) -> Result<Vec<(String, u64)>, HostError> {
         let counters = read_counters(&self.kernel)?;
         let total: u64 = counters.iter().map(|c| c.lost).sum();
@@ -277,7 +279,6 @@ impl Host {
         if total <= config.lost_reported {
             return Ok(Vec::new());
         }
-        // Per-rule figures are totals since install; the new part is shared out as a whole.
         let lost = counters
             .iter()
             .enumerate()
