@@ -5,6 +5,8 @@
 //! here is a change to both sides at once.
 #![no_std]
 
+pub mod host;
+
 /// Name of the `BPF_MAP_TYPE_SK_STORAGE` map that links a socket to its [`SlotRef`].
 pub const SLOTS_MAP: &str = "LULL_SLOTS";
 /// Name of the `BPF_F_MMAPABLE` array of [`ActivityEntry`], indexed by slot.

@@ -21,6 +21,8 @@
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
+mod host;
+#[cfg(target_arch = "bpf")]
 mod ladder;
 #[cfg(target_arch = "bpf")]
 mod programs;

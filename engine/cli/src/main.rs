@@ -6,6 +6,8 @@
 //! alive instead.
 
 mod check;
+mod host;
+mod ls;
 mod metrics;
 mod peer;
 mod privileges;
@@ -35,6 +37,8 @@ enum Command {
     Run(Box<run::RunArgs>),
     Check(check::CheckArgs),
     Peer(peer::PeerArgs),
+    Host(Box<host::HostArgs>),
+    Ls(ls::LsArgs),
 }
 
 fn init_logging() {
@@ -58,6 +62,8 @@ fn main() -> ExitCode {
         Some(Command::Run(args)) => run::run(*args),
         Some(Command::Check(args)) => check::run(&args),
         Some(Command::Peer(args)) => peer::run(&args),
+        Some(Command::Host(args)) => host::run(&args),
+        Some(Command::Ls(args)) => ls::run(&args),
     };
     match result {
         Ok(code) => code,

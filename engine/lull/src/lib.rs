@@ -13,6 +13,7 @@
 
 pub mod activity;
 pub mod clock;
+pub mod host;
 mod memory;
 pub mod policy;
 pub mod probe;

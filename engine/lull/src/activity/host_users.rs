@@ -182,6 +182,10 @@ pub fn pinned_builds() -> Vec<PinnedBuild> {
     let mut builds = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
+        // Host mode (`lull host`) pins under the same root, with a layout of its own.
+        if !name.starts_with("engine-") {
+            continue;
+        }
         let users = HostUsers::new(Path::new(RUN_DIR).join(&name)).live();
         let mut links: Vec<(u64, Option<PathBuf>)> = std::fs::read_dir(entry.path().join("links"))
             .map(|links| {

@@ -515,6 +515,8 @@ pub(crate) fn ensure_bpffs() -> Result<(), ActivityError> {
     if unsafe { libc::statfs(target.as_ptr(), &mut fs) } == 0 && fs.f_type as i64 == BPF_FS_MAGIC {
         return Ok(());
     }
+    // A kernel without the mount point (a container image, say) can still take the mount.
+    let _ = std::fs::create_dir_all(BPFFS);
     let bpf = CString::new("bpf").expect("no NUL in a constant");
     // SAFETY: NUL-terminated strings; no mount data.
     let mounted = unsafe {
