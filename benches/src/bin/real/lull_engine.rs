@@ -29,7 +29,8 @@ impl LullRun {
     /// An engine with `strategy`'s activity source and room for `conns` connections.
     ///
     /// Fails where the source cannot run (eBPF without privileges): the worker says so
-    /// before opening anything.
+    /// before opening anything. The eBPF source attaches to the cgroup this process runs in,
+    /// the run's, where every worker of the strategy shares one attachment.
     pub fn start(
         strategy: Strategy,
         timing: Timing,
@@ -126,5 +127,16 @@ impl Running for LullRun {
 
     fn detail(&self) -> String {
         format!("source {}", self.engine.source_kind())
+    }
+
+    fn finish(self: Box<Self>) {
+        // Every watch first (each unregisters its socket), then the engine, whose source is
+        // this process's use of the shared attachment: the last worker to let go detaches
+        // lull's programs, so that the next strategy's sockets do not run them.
+        let Self {
+            engine, watched, ..
+        } = *self;
+        drop(watched);
+        engine.shutdown();
     }
 }

@@ -5,7 +5,9 @@
 //! the kernel's own `SO_KEEPALIVE`, and a naive tokio engine (a sleep per connection, reset on
 //! every read). The fd limit is 20,000 per process, so each strategy's connections are spread
 //! over several worker processes (the client ends) and as many peer processes (the far ends),
-//! all children of this binary, started as `real worker` and `real peer`.
+//! all children of this binary, started as `real worker` and `real peer`. Workers run in a
+//! cgroup made for the run, so that lull's eBPF workers share one attachment of its programs;
+//! peers run outside it, so their sockets run none.
 //!
 //! The peers' mix: 5% busy (traffic every idle/4: never to be probed), 1% hung (stop reading
 //! and writing at a fixed instant, socket open, kernel still ACKing), 1% vanishing (a firewall
@@ -15,6 +17,8 @@
 //! how fast; kernel memory per connection. Benchmarks print figures; they never pass or fail
 //! on them.
 
+mod attachment;
+mod cgroup;
 mod child;
 mod env;
 mod kernel;
@@ -104,6 +108,9 @@ fn orchestrate(args: &RunArgs) -> Result<()> {
         plan.hang_after,
         env.describe(),
     );
+    if let Err(why) = &env.cgroup {
+        eprintln!("real: no cgroup for the workers: {why}");
+    }
     if let Err(why) = &env.softirq {
         eprintln!("real: softirq time not measured: {why}");
     }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::{env::Background, proto::Strategy};
+use crate::{attachment::Attachment, env::Background, proto::Strategy};
 
 /// One strategy at one connection count: measured, or why not.
 pub struct Outcome {
@@ -55,6 +55,11 @@ pub struct Measured {
     pub memory: Memory,
     /// How long the firewall rule took to go in.
     pub blackhole_ms: Option<f64>,
+    /// Where lull's programs ran (lull-ebpf, when the run has its cgroup).
+    pub attachment: Option<Result<Attachment, String>>,
+    /// Programs found attached to the run's cgroup before the strategy started: left behind
+    /// by the one before, and run by this one's sockets too.
+    pub stale: Option<String>,
 }
 
 impl Measured {

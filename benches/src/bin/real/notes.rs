@@ -149,19 +149,7 @@ pub fn notes(
          application."
             .into(),
     );
-    if let Some((_, m)) = ran.iter().find(|(s, _)| *s == Strategy::LullEbpf)
-        && m.processes > 1
-    {
-        notes.push(format!(
-            "lull-ebpf ran as {} processes, each loading its own BPF table and attaching its own \
-             cgroup_skb programs to the root cgroup, so every packet ran {} ingress/egress \
-             program pairs, {} of them a socket-storage miss: a cost one process holding every \
-             socket (one engine group, one table) would not pay.",
-            m.processes,
-            m.processes,
-            m.processes - 1
-        ));
-    }
+    attachment_note(notes, env, &ran);
     let stray: Vec<String> = ran
         .iter()
         .filter(|(s, _)| *s != Strategy::Kernel)
@@ -223,9 +211,9 @@ pub fn notes(
              costs little next to the probes. So lull has little to save here, and it pays for \
              how it learns of activity, which tokio gets from the reads it makes anyway: \
              lull-tcpinfo makes a TCP_INFO getsockopt at every timer firing, and lull-ebpf's \
-             programs run on every packet (see the note on its processes). lull also drains \
-             with a non-blocking RECV at every firing, including those where nothing arrived, \
-             where tokio reads only when epoll reports data. Wakeups per process a second: \
+             programs run on every packet of the workers' sockets (see the note on lull's \
+             programs). lull also drains with a non-blocking RECV at every firing, including \
+             those where nothing arrived, where tokio reads only when epoll reports data. Wakeups per process a second: \
              {lull_rate:.0} for {lull}'s engine (it sleeps until its next due timer, at a {} \
              tick), {tokio_rate:.0} for tokio's runtime. BENCHMARKS.md has a profile of where \
              each strategy's time goes. \
@@ -317,5 +305,65 @@ pub fn notes(
          peers' share of the CPU and half of the slab would be on other hosts.",
         extrapolated.join("; "),
         1_000_000u64.div_ceil(plan.per_process),
+    ));
+}
+
+/// Where lull's programs ran: one shared attachment on the run's cgroup, none on the peers'.
+fn attachment_note(notes: &mut Vec<String>, env: &Environment, ran: &[(Strategy, &Measured)]) {
+    let cgroup = match &env.cgroup {
+        Ok(cgroup) => cgroup,
+        Err(why) => {
+            notes.push(format!(
+                "The workers ran in the orchestrator's own cgroup, not one made for the run \
+                 ({why}): each lull-ebpf worker attached lull's programs where lull decides (a \
+                 cgroup of its own when it runs in the root), so their packets may have run \
+                 more than one program pair."
+            ));
+            return;
+        }
+    };
+    let checks: Vec<String> = ran
+        .iter()
+        .filter(|(s, _)| *s == Strategy::LullEbpf)
+        .map(|(s, m)| {
+            let what = match &m.attachment {
+                Some(Ok(a)) if a.shared() => format!("one shared link pair: {}", a.describe()),
+                Some(Ok(a)) => format!("NOT one shared link pair: {}", a.describe()),
+                Some(Err(why)) => format!("could not be read ({why})"),
+                None => "not read".into(),
+            };
+            format!("{}: {what}", s.label())
+        })
+        .collect();
+    let stale: Vec<String> = ran
+        .iter()
+        .filter_map(|(s, m)| Some(format!("{} ({})", s.label(), m.stale.as_ref()?)))
+        .collect();
+    notes.push(format!(
+        "lull's programs: every worker process ran in {} (made for the run, a child of the \
+         orchestrator's cgroup {}, and removed at its end), which it entered between fork and \
+         exec; every peer process ran in the orchestrator's cgroup. lull's eBPF source attaches \
+         to the cgroup its process runs in and pins the attachment once per host, so the \
+         workers of a strategy share one link pair (cgroup_skb ingress and sock_ops), each of \
+         their packets runs one program pair, and no peer socket runs any; each worker lets go \
+         of its engine before it exits, and the last one detaches. Checked once every worker \
+         was up, from lull's link pins under /sys/fs/bpf/lull/engine-*/links/ and \
+         BPF_PROG_QUERY on both cgroups: {}. {}",
+        cgroup.path().display(),
+        cgroup.home().display(),
+        if checks.is_empty() {
+            "lull-ebpf did not run".to_string()
+        } else {
+            checks.join("; ")
+        },
+        if stale.is_empty() {
+            "No program was left attached to the run's cgroup when a strategy started.".into()
+        } else {
+            format!(
+                "Programs were still attached to the run's cgroup when these strategies \
+                 started, so their sockets ran them too: {}.",
+                stale.join("; ")
+            )
+        },
     ));
 }

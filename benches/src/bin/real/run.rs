@@ -11,6 +11,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use lull::clock::monotonic_ns;
 
 use crate::{
+    attachment::{Attachment, Programs},
     child::Kid,
     env::{Background, Environment},
     measured::{Cpu, Measured, Memory, Outcome, Status},
@@ -103,7 +104,7 @@ fn spawn_peers(plan: &Plan, env: &Environment, lifetime: &str) -> Result<(Vec<Ki
             format!("--busy-every-ms={}", plan.timing.idle_ms / 4),
             format!("--lifetime-secs={lifetime}"),
         ];
-        let mut kid = env.spawn(format!("peer {i}"), &args)?;
+        let mut kid = env.spawn_peer(format!("peer {i}"), &args)?;
         let ports = kid.expect(PORTS, &[], Duration::from_secs(10))?;
         targets.push(ports.split_whitespace().collect::<Vec<_>>().join(","));
         peers.push(kid);
@@ -142,7 +143,7 @@ fn spawn_workers(
         if let Some(tick) = plan.lull_tick {
             args.push(format!("--lull-tick-us={}", tick.as_micros()));
         }
-        workers.push(env.spawn(format!("{} worker {i}", strategy.label()), &args)?);
+        workers.push(env.spawn_worker(format!("{} worker {i}", strategy.label()), &args)?);
         first += n;
     }
     Ok(workers)
@@ -254,6 +255,18 @@ fn measure(plan: &Plan, env: &Environment, strategy: Strategy) -> Result<Status>
     let lifetime = (plan.window + Duration::from_secs(300))
         .as_secs()
         .to_string();
+    // Whatever is attached to the run's cgroup now was left by an earlier strategy, and
+    // would run on this one's sockets too.
+    let stale = match &env.cgroup {
+        Ok(cgroup) => Programs::query(cgroup.path(), false)
+            .ok()
+            .filter(|p| p.count() > 0)
+            .map(|p| p.describe()),
+        Err(_) => None,
+    };
+    if let Some(stale) = &stale {
+        eprintln!("[{label}] programs left attached to the run's cgroup: {stale}");
+    }
     let t0 = Instant::now();
     eprintln!("[{label}] starting {k} peer process(es)");
     let (mut peers, targets) = spawn_peers(plan, env, &lifetime)?;
@@ -272,6 +285,17 @@ fn measure(plan: &Plan, env: &Environment, strategy: Strategy) -> Result<Status>
     let conns: u64 = readies.iter().map(|r| r.conns).sum();
     ensure!(conns > 0, "no connection could be opened");
     eprintln!("[{label}] {conns} connections up in {setup:.1?}");
+    let attachment = match (&env.cgroup, strategy == Strategy::LullEbpf) {
+        (Ok(cgroup), true) => {
+            let read = Attachment::read(cgroup, workers.len()).map_err(|e| format!("{e:#}"));
+            if let Ok(a) = &read {
+                let shared = if a.shared() { "shared" } else { "NOT shared" };
+                eprintln!("[{label}] lull's attachment {shared}: {}", a.describe());
+            }
+            Some(read)
+        }
+        _ => None,
+    };
     std::thread::sleep(plan.settle);
     let (mem1, slab1) = (Meminfo::read()?, SlabInfo::read());
 
@@ -359,6 +383,8 @@ fn measure(plan: &Plan, env: &Environment, strategy: Strategy) -> Result<Status>
         revived: w.reports.iter().map(|r| r.revived).sum(),
         memory,
         blackhole_ms: w.vanish.map(|(_, ms)| ms),
+        attachment,
+        stale,
         cpu,
     };
     eprintln!(

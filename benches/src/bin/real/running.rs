@@ -26,4 +26,7 @@ pub trait Running {
     fn detail(&self) -> String {
         String::new()
     }
+    /// Lets go of everything before the worker exits, where that matters to anyone else
+    /// (lull's shared attachment, whose last user detaches it).
+    fn finish(self: Box<Self>) {}
 }
