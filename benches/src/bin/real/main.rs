@@ -24,6 +24,7 @@ mod attachment;
 mod cgroup;
 mod child;
 mod env;
+mod figures;
 mod findings;
 mod kernel;
 mod lull_engine;

@@ -148,6 +148,16 @@ impl Measured {
         self.vanished_ms.iter().filter(|&&ms| ms <= bound).count()
     }
 
+    /// Every dead peer the strategy can see caught within its bound; for one that cannot see
+    /// hung peers, none of them reported.
+    pub fn caught_all_in_bounds(&self) -> bool {
+        let hung = match self.hung_within() {
+            Some(within) => within as u64 == self.of(Role::Hung),
+            None => self.hung_ms.is_empty(),
+        };
+        hung && self.vanished_within() as u64 == self.of(Role::Vanishing)
+    }
+
     /// lull's probes to answering connections per connection-hour, and the policy's nominal
     /// rate.
     pub fn probe_rate(&self) -> Option<(f64, f64)> {

@@ -48,6 +48,18 @@ pub fn notes(
             }
         }
     }
+    notes.push(
+        "real.json's \"figures\" holds the detailed pass's headline figures as plain numbers, \
+         laid out both ways the issues name them: by figure, then mix, then strategy \
+         (figures.ms_per_conn_hour.standard[\"lull-ebpf\"]) and by mix, then strategy, then \
+         figure (figures.standard[\"lull-ebpf\"].ms_per_conn_hour). The figures: \
+         ms_per_conn_hour, hung_caught and vanished_caught as [caught, total] (caught in the \
+         window, whatever the latency), hung_p99_ms and vanished_p99_ms (null when none was \
+         caught), worker_us_per_probe (the workers' own CPU per probe sent), and for lull \
+         hung_by_tier and vanished_by_tier ({transport, application}). A strategy that did not \
+         run has null figures."
+            .into(),
+    );
     let setups: Vec<String> = ran
         .iter()
         .filter(|(mix, _, _)| Some(*mix) == passes.first().map(|p| p.mix))

@@ -1,5 +1,6 @@
 //! The report's tables: one row per mix and strategy in each, figures absolute and as ratios
-//! to lull-ebpf in the same mix (the notes are in `notes.rs`).
+//! to lull-ebpf in the same mix (the figures and goals are in `figures.rs`, the notes in
+//! `notes.rs`).
 
 use std::time::Duration;
 
@@ -107,6 +108,8 @@ pub fn build(
     for pass in &detailed {
         latency_distribution(&mut report, pass);
     }
+    crate::figures::figures(&mut report, &detailed);
+    crate::figures::goals(&mut report, &detailed);
     crate::notes::notes(
         &mut report,
         plan,
