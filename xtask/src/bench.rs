@@ -21,7 +21,11 @@ pub const BENCHES: &[&str] = &["wheel", "engine-sim", "probe-path", "ebpf-overhe
 ///
 /// Each benchmark prints a table; the JSON and Markdown reports, the SVG charts and
 /// SUMMARY.md land in target/bench/. Benchmarks print figures: they never fail on timing.
-/// The full suite takes under 20 minutes here; --quick under 3.
+/// The full suite takes about 35 minutes here, most of it `real` (five strategies in two
+/// traffic mixes at two sizes); --quick about 4.
+///
+/// Options after `--` go to the one benchmark named, e.g.
+/// `cargo xtask bench real --quick -- --mixes standard --strategies lull-ebpf,tokio`.
 #[derive(Debug, Args)]
 pub struct Options {
     /// Benchmarks to run: wheel, engine-sim, probe-path, ebpf-overhead, real (default: all).
@@ -33,6 +37,9 @@ pub struct Options {
     /// (full runs of every benchmark only).
     #[arg(long)]
     pub publish: bool,
+    /// Options for the one benchmark named (after `--`), e.g. `-- --mixes standard`.
+    #[arg(last = true)]
+    pub extra: Vec<String>,
 }
 
 pub fn run(opts: &Options) -> Result<()> {
@@ -40,6 +47,12 @@ pub fn run(opts: &Options) -> Result<()> {
     // all of them, so only that may stand as the published figures.
     if opts.publish && (opts.quick || !opts.names.is_empty()) {
         bail!("--publish needs the full suite: drop --quick and the benchmark names");
+    }
+    if !opts.extra.is_empty() && opts.names.len() != 1 {
+        bail!(
+            "options after `--` go to one benchmark: name exactly one (got {})",
+            opts.names.len()
+        );
     }
     for name in &opts.names {
         if !BENCHES.contains(&name.as_str()) {
@@ -70,16 +83,24 @@ pub fn run(opts: &Options) -> Result<()> {
         if opts.quick {
             cmd.arg("--quick");
         }
-        cmd.arg("--out").arg(&out).current_dir(&root);
+        cmd.arg("--out")
+            .arg(&out)
+            .args(&opts.extra)
+            .current_dir(&root);
         run_checked(&mut cmd).with_context(|| format!("benchmark {name} failed"))?;
     }
     let command = format!(
-        "cargo xtask bench{}{}",
+        "cargo xtask bench{}{}{}",
         if opts.quick { " --quick" } else { "" },
         if opts.names.is_empty() {
             String::new()
         } else {
             format!(" {}", opts.names.join(" "))
+        },
+        if opts.extra.is_empty() {
+            String::new()
+        } else {
+            format!(" -- {}", opts.extra.join(" "))
         }
     );
     let mut summary = Command::new(binary("bench-summary"));
