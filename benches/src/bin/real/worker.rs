@@ -189,15 +189,16 @@ fn connect_all(args: &WorkerArgs, running: &mut dyn Running) -> Result<(u64, u64
     let spread = Duration::from_millis(args.spread_ms);
     let start = Instant::now();
     let mut next = 0u64;
-    // Bounded: each turn opens every connection due, then waits at most 10 ms; connecting
-    // itself gives up after MAX_FAILURES failures of at most 3 s each.
+    // Bounded: each turn opens every connection due, then waits at most 10 ms, and every
+    // connection is due once `--spread-ms` has passed; connecting itself gives up after
+    // MAX_FAILURES failures of at most 3 s each. A turn opens none that is not due yet, or
+    // a slow pace (a long spread, few connections) would run ahead at one per turn.
     while next < args.conns && failed < MAX_FAILURES {
         let due = ((start.elapsed().as_secs_f64() / spread.as_secs_f64().max(1e-3))
             * args.conns as f64)
             .ceil()
             .min(args.conns as f64) as u64;
-        let until = due.max(next + 1);
-        while next < until && next < args.conns && failed < MAX_FAILURES {
+        while next < due && failed < MAX_FAILURES {
             let global = args.first + next;
             next += 1;
             let role = role_of(global, args.vanishing, args.mix);
