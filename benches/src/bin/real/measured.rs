@@ -249,10 +249,11 @@ pub struct Memory {
     /// the connections (less `/proc` fd entries).
     pub objects: Option<(i64, i64)>,
     pub top: Vec<(String, i64)>,
+    /// The workers' resident memory growth while they opened their connections.
     pub rss: i64,
-    /// Of `rss`, the growth of the workers' shared resident memory (lull's mapping of the
-    /// host-wide activity table).
-    pub shared_rss: i64,
+    /// Resident memory a worker took on average to start its strategy, before its first
+    /// connection, and of it the shared part (lull's mapping of its host-wide table).
+    pub start_rss: (f64, f64),
 }
 
 /// `values` at quantile `q` (nearest rank), or `None` if empty.

@@ -275,11 +275,11 @@ pub fn notes(
          and lull-tiered a socket-storage element per registered socket. Their table (24 B a \
          row, shared by every lull process on the host) is a vmalloc'd BPF array, outside \
          slab. Other processes' activity during setup moves these \
-         a little. Worker RSS is the workers' own growth over the same span; \"of it shared\" \
-         is its RssFile + RssShmem part, which for lull-ebpf and lull-tiered is the mapping of \
-         lull's host-wide activity table: every lull process maps it whole, whatever its own \
-         connection count, so it is a fixed cost per process (and one set of pages on the \
-         host), not per connection. The extrapolation leaves it out."
+         a little. Worker RSS is the workers' own growth while they opened their connections; \
+         what a worker took to start its strategy before the first one is a cost per process, \
+         shown apart (\"start RSS\", in MB, with its shared part, RssFile + RssShmem, in \
+         brackets: for lull-ebpf and lull-tiered mostly the mapping of lull's host-wide \
+         activity table, which every lull process maps whole, one set of pages on the host)."
             .into(),
     );
     // The first mix's, the standard one in a default run.
@@ -290,20 +290,20 @@ pub fn notes(
         .map(|(_, s, m)| {
             let cores = m.per_conn_hour() * 1e6 / 3.6e6;
             format!(
-                "{} {:.2} cores, {:.1} GiB slab, {:.2} GiB worker RSS (not shared)",
+                "{} {:.2} cores, {:.1} GiB slab, {:.2} GiB worker RSS",
                 s.label(),
                 cores,
                 m.slab_per_conn() * 1e6 / f64::from(1u32 << 30),
-                (m.memory.rss - m.memory.shared_rss) as f64 / m.conns as f64 * 1e6
-                    / f64::from(1u32 << 30),
+                m.memory.rss as f64 / m.conns as f64 * 1e6 / f64::from(1u32 << 30),
             )
         })
         .collect();
     notes.push(format!(
         "Extrapolation to 1M real sockets (not measured: the per-connection figures above times \
          one million, at this policy and the {} mix, both ends on one host as here): {}. At \
-         this fd limit 1M client sockets take about {} worker processes; on a real network the \
-         peers' share of the CPU and half of the slab would be on other hosts.",
+         this fd limit 1M client sockets take about {} worker processes, each with its start \
+         RSS on top; on a real network the peers' share of the CPU and half of the slab would \
+         be on other hosts.",
         first.map_or("", Mix::label),
         extrapolated.join("; "),
         1_000_000u64.div_ceil(plan.per_process),

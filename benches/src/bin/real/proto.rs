@@ -223,13 +223,16 @@ pub struct Ready {
     pub failed: u64,
     /// Of `conns`, how many of each [`Role`], in [`Role::ALL`] order.
     pub roles: [u64; 4],
-    /// Resident memory before connecting and once set up.
+    /// Resident memory before the strategy started, once it had started (lull's engine
+    /// built, before any connection), and once every connection was up.
     pub rss_before: u64,
+    pub rss_started: u64,
     pub rss_after: u64,
-    /// Of it, the shared part (`RssFile` + `RssShmem`: lull's mapping of its host-wide
-    /// activity table, which every lull process on the host maps whole).
+    /// The shared part (`RssFile` + `RssShmem`) of `rss_before` and `rss_started`: what
+    /// grows there is, for lull's eBPF source, its mapping of the host-wide activity table,
+    /// which every lull process maps whole.
     pub shared_before: u64,
-    pub shared_after: u64,
+    pub shared_started: u64,
     /// What the strategy says about itself (e.g. lull's activity source).
     pub detail: String,
 }

@@ -358,7 +358,7 @@ fn memory_table(passes: &[&Pass]) -> Table {
         "slab objects B/conn",
         "caches that grew with them",
         "worker RSS B/conn",
-        "of it shared B/conn",
+        "worker start RSS MB (shared)",
         "largest slab growth, B/conn",
     ];
     per_strategy(title, &columns, passes, |_, _, m| {
@@ -378,7 +378,11 @@ fn memory_table(passes: &[&Pass]) -> Table {
                 .objects
                 .map_or("—".into(), |(_, sockets)| per(sockets)),
             per(m.memory.rss),
-            per(m.memory.shared_rss),
+            format!(
+                "{:.1} ({:.1})",
+                m.memory.start_rss.0 / 1e6,
+                m.memory.start_rss.1 / 1e6
+            ),
             top.join(", "),
         ])
     })

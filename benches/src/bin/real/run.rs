@@ -202,12 +202,16 @@ fn measure(plan: &Plan, env: &Environment, strategy: Strategy, mix: Mix) -> Resu
         top: growth.map(|g| g.top).unwrap_or_default(),
         rss: readies
             .iter()
-            .map(|r| r.rss_after as i64 - r.rss_before as i64)
+            .map(|r| r.rss_after as i64 - r.rss_started as i64)
             .sum(),
-        shared_rss: readies
-            .iter()
-            .map(|r| r.shared_after as i64 - r.shared_before as i64)
-            .sum(),
+        start_rss: {
+            let n = readies.len().max(1) as f64;
+            let sum = |f: fn(&Ready) -> f64| readies.iter().map(f).sum::<f64>() / n;
+            (
+                sum(|r| r.rss_started as f64 - r.rss_before as f64),
+                sum(|r| r.shared_started as f64 - r.shared_before as f64),
+            )
+        },
     };
     let (start, end) = (&w.start, &w.end);
     let keepalives = end.tcp.keepalive.saturating_sub(start.tcp.keepalive);

@@ -100,6 +100,10 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
         Strategy::Kernel => Box::new(KernelRun::new(timing, args.conns as usize)?),
         Strategy::Tokio => Box::new(TokioRun::new(timing)?),
     };
+    // What the strategy costs before its first connection is a cost per process, not per
+    // connection: read it apart.
+    let rss_started = rss_bytes().context("reading the worker's RSS")?;
+    let shared_started = shared_rss();
     let (n, failed, roles) = connect_all(args, running.as_mut())?;
     running.settle(n)?;
     let ready = Ready {
@@ -107,9 +111,10 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
         failed,
         roles,
         rss_before,
+        rss_started,
         rss_after: rss_bytes().context("reading the worker's RSS")?,
         shared_before,
-        shared_after: shared_rss(),
+        shared_started,
         detail: running.detail(),
     };
     say(&format!("{READY} {}", serde_json::to_string(&ready)?));
