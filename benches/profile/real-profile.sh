@@ -4,7 +4,7 @@
 # and peer processes by the system call (or user space) they were in.
 #
 # Usage, as root, from the workspace root:
-#   benches/profile/real-profile.sh [CONNS] [STRATEGY...]
+#   [MIX=standard|busy_heavy] benches/profile/real-profile.sh [CONNS] [STRATEGY...]
 # e.g. benches/profile/real-profile.sh 60000 lull-ebpf lull-tcpinfo tokio
 # Needs perf and python3; output in target/profile/.
 set -euo pipefail
@@ -16,7 +16,8 @@ out=target/profile
 mkdir -p "$out"
 cargo build --release --package lull-benches --bin real
 for s in ${strategies[@]}; do
-    ./target/release/real --conns "$conns" --strategies "$s" --no-vanishing --out "$out/$s" \
+    ./target/release/real --conns "$conns" --strategies "$s" --mixes "${MIX:-standard}" \
+        --no-vanishing --out "$out/$s" \
         >"$out/$s.out" 2>"$out/$s.err" &
     run=$!
     # The window opens once every connection is up; give it a few seconds to settle.

@@ -28,9 +28,13 @@ pub const BENCHES: &[&str] = &[
 ///
 /// Each benchmark prints a table; the JSON and Markdown reports, the SVG charts and
 /// SUMMARY.md land in target/bench/. Benchmarks print figures: they never fail on timing.
-/// The full suite took under 20 minutes here before host-scale, whose ladder up to a million
-/// connections needs about 10 GiB of memory and a quiet machine (see its report for how long
-/// each step took); --quick runs it at 20,000 and 50,000.
+/// Without host-scale the full suite takes about 35 minutes here, most of it `real` (five
+/// strategies in two traffic mixes at two sizes); --quick about 4. host-scale's ladder up to a
+/// million connections needs about 10 GiB of memory and a quiet machine (see its report for
+/// how long each step took); --quick runs it at 20,000 and 50,000.
+///
+/// Options after `--` go to the one benchmark named, e.g.
+/// `cargo xtask bench real --quick -- --mixes standard --strategies lull-ebpf,tokio`.
 #[derive(Debug, Args)]
 pub struct Options {
     /// Benchmarks to run: wheel, engine-sim, probe-path, ebpf-overhead, real, host-scale
@@ -47,13 +51,27 @@ pub struct Options {
     /// 1000000 (its default; with --quick, 20000,50000).
     #[arg(long, value_name = "COUNTS")]
     pub ladder: Option<String>,
+    /// Options for the one benchmark named (after `--`), e.g. `-- --mixes standard`.
+    #[arg(last = true)]
+    pub extra: Vec<String>,
 }
 
 pub fn run(opts: &Options) -> Result<()> {
     // target/bench/ keeps the reports of earlier runs; only a full run of everything replaces
     // all of them, so only that may stand as the published figures.
-    if opts.publish && (opts.quick || !opts.names.is_empty() || opts.ladder.is_some()) {
-        bail!("--publish needs the full suite: drop --quick, --ladder and the benchmark names");
+    if opts.publish
+        && (opts.quick || !opts.names.is_empty() || opts.ladder.is_some() || !opts.extra.is_empty())
+    {
+        bail!(
+            "--publish needs the full suite: drop --quick, --ladder, the benchmark names and \
+             the options after --"
+        );
+    }
+    if !opts.extra.is_empty() && opts.names.len() != 1 {
+        bail!(
+            "options after `--` go to one benchmark: name exactly one (got {})",
+            opts.names.len()
+        );
     }
     for name in &opts.names {
         if !BENCHES.contains(&name.as_str()) {
@@ -96,16 +114,24 @@ pub fn run(opts: &Options) -> Result<()> {
         {
             cmd.args(["--ladder", ladder]);
         }
-        cmd.arg("--out").arg(&out).current_dir(&root);
+        cmd.arg("--out")
+            .arg(&out)
+            .args(&opts.extra)
+            .current_dir(&root);
         run_checked(&mut cmd).with_context(|| format!("benchmark {name} failed"))?;
     }
     let command = format!(
-        "cargo xtask bench{}{}",
+        "cargo xtask bench{}{}{}",
         if opts.quick { " --quick" } else { "" },
         if opts.names.is_empty() {
             String::new()
         } else {
             format!(" {}", opts.names.join(" "))
+        },
+        if opts.extra.is_empty() {
+            String::new()
+        } else {
+            format!(" -- {}", opts.extra.join(" "))
         }
     );
     let mut summary = Command::new(binary("bench-summary"));

@@ -20,14 +20,21 @@ pub struct Kid {
 }
 
 impl Kid {
-    /// Starts `current_exe() <args>`.
-    pub fn spawn(name: String, args: &[String]) -> Result<Self> {
+    /// Starts `current_exe() <args>`, after `configure` has had its say on the command.
+    pub fn spawn(
+        name: String,
+        args: &[String],
+        configure: impl FnOnce(&mut Command),
+    ) -> Result<Self> {
         let exe = std::env::current_exe().context("finding this executable")?;
-        let mut child = Command::new(exe)
+        let mut command = Command::new(exe);
+        command
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::inherit());
+        configure(&mut command);
+        let mut child = command
             .spawn()
             .with_context(|| format!("starting {name}"))?;
         let stdout = child.stdout.take().context("child stdout")?;

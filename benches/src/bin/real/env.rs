@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use anyhow::Result;
 
 use crate::{
+    cgroup::RunCgroup,
     child::Kid,
     plan::Plan,
     softirq::{Softirq, SoftirqTime},
@@ -20,6 +21,9 @@ pub struct Environment {
     pub no_vanishing: Option<String>,
     /// Softirq time by context, or why it cannot be measured.
     pub softirq: std::result::Result<Softirq, String>,
+    /// The cgroup the workers run in, or why there is none (then they run in the
+    /// orchestrator's, and each lull-ebpf worker attaches where lull decides).
+    pub cgroup: std::result::Result<RunCgroup, String>,
 }
 
 impl Environment {
@@ -38,12 +42,27 @@ impl Environment {
             shared_netns,
             no_vanishing,
             softirq: Softirq::attach().map_err(|e| format!("{e:#}")),
+            cgroup: RunCgroup::create().map_err(|e| format!("{e:#}")),
         }
     }
 
+    /// Starts a worker, in the run's cgroup.
+    pub fn spawn_worker(&self, name: String, args: &[String]) -> Result<Kid> {
+        self.spawn(name, args, true)
+    }
+
+    /// Starts a peer, in the orchestrator's cgroup: outside the run's.
+    pub fn spawn_peer(&self, name: String, args: &[String]) -> Result<Kid> {
+        self.spawn(name, args, false)
+    }
+
     /// Starts a child and, if softirq is measured, counts it as one of the run's processes.
-    pub fn spawn(&self, name: String, args: &[String]) -> Result<Kid> {
-        let kid = Kid::spawn(name, args)?;
+    fn spawn(&self, name: String, args: &[String], worker: bool) -> Result<Kid> {
+        let kid = Kid::spawn(name, args, |command| {
+            if let (true, Ok(cgroup)) = (worker, &self.cgroup) {
+                cgroup.enter_on_exec(command);
+            }
+        })?;
         if let Ok(softirq) = &self.softirq {
             softirq.add_process(kid.pid)?;
         }
@@ -63,10 +82,15 @@ impl Environment {
             None => "private network namespace".to_string(),
             Some(why) => format!("host network namespace ({why})"),
         };
-        match &self.no_vanishing {
-            None => format!("{ns}, vanishing peers by iptables"),
-            Some(why) => format!("{ns}, no vanishing peers ({why})"),
-        }
+        let vanishing = match &self.no_vanishing {
+            None => "vanishing peers by iptables".to_string(),
+            Some(why) => format!("no vanishing peers ({why})"),
+        };
+        let cgroup = match &self.cgroup {
+            Ok(cgroup) => format!("workers in cgroup {}", cgroup.path().display()),
+            Err(why) => format!("workers in this process's cgroup ({why})"),
+        };
+        format!("{ns}, {vanishing}, {cgroup}")
     }
 }
 

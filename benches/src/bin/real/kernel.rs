@@ -17,7 +17,7 @@ use lull::clock::monotonic_ns;
 use socket2::{SockRef, TcpKeepalive};
 
 use crate::{
-    proto::{Report, Timing},
+    proto::{Report, Role, Timing, Verdict},
     running::Running,
 };
 
@@ -75,7 +75,11 @@ impl KernelRun {
         match stream.take_error() {
             // Keepalive (or the user timeout) gave up on the peer: the kernel's verdict.
             Ok(Some(e)) if e.raw_os_error() == Some(libc::ETIMEDOUT) => {
-                self.report.dead.push((*global, now));
+                self.report.dead.push(Verdict {
+                    global: *global,
+                    at: now,
+                    tier: None,
+                });
             }
             _ => self.report.closed += 1,
         }
@@ -92,7 +96,7 @@ impl KernelRun {
 }
 
 impl Running for KernelRun {
-    fn add(&mut self, global: u64, stream: TcpStream) -> Result<()> {
+    fn add(&mut self, global: u64, _role: Role, stream: TcpStream) -> Result<()> {
         let timing = self.timing;
         // Whole seconds, at least one, as the kernel takes them.
         let secs = |ms: u64| Duration::from_secs((ms / 1000).max(1));

@@ -1,22 +1,31 @@
 //! `real`: lull against the alternatives on real loopback sockets, as many as the machine holds.
 //!
-//! Four strategies watch the same population of connections, one strategy at a time so that
+//! Five strategies watch the same population of connections, one strategy at a time so that
 //! whole-system CPU belongs to one of them: lull with its eBPF source, lull with `TCP_INFO`,
-//! the kernel's own `SO_KEEPALIVE`, and a naive tokio engine (a sleep per connection, reset on
-//! every read). The fd limit is 20,000 per process, so each strategy's connections are spread
-//! over several worker processes (the client ends) and as many peer processes (the far ends),
-//! all children of this binary, started as `real worker` and `real peer`.
+//! lull tiered (eBPF source, the transport left to kernel keepalive, lull's own probes only
+//! for hung applications), the kernel's own `SO_KEEPALIVE`, and a naive tokio engine (a sleep
+//! per connection, reset on every read). The fd limit is 20,000 per process, so each
+//! strategy's connections are spread over several worker processes (the client ends) and as
+//! many peer processes (the far ends), all children of this binary, started as `real worker`
+//! and `real peer`. Workers run in a cgroup made for the run, so that lull's eBPF workers
+//! share one attachment of its programs; peers run outside it, so their sockets run none.
 //!
-//! The peers' mix: 5% busy (traffic every idle/4: never to be probed), 1% hung (stop reading
-//! and writing at a fixed instant, socket open, kernel still ACKing), 1% vanishing (a firewall
-//! rule in the run's private network namespace drops all their packets from a fixed instant,
-//! as if their host had gone), the rest answering every probe. Figures: CPU over the window,
-//! per probe and per connection-hour; probes sent; who caught the hung and vanished peers and
-//! how fast; kernel memory per connection. Benchmarks print figures; they never pass or fail
-//! on them.
+//! Two traffic mixes, each run with every strategy: `standard`, 5% busy (a byte every
+//! idle/4: never to be probed), and `busy_heavy`, 20% busy (10 one-byte messages a second).
+//! In both, 1% hung (stop reading and writing at a fixed instant, socket open, kernel still
+//! ACKing), 1% vanishing (a firewall rule in the run's private network namespace drops all
+//! their packets from a fixed instant, as if their host had gone), the rest answering every
+//! probe. Figures: CPU over the window, per probe and per connection-hour; probes sent; who
+//! caught the hung and vanished peers, how fast, and by which of lull's tiers; kernel memory
+//! per connection. `real.json` has the headline figures as plain numbers under `figures`.
+//! Benchmarks print figures; they never pass or fail on them.
 
+mod attachment;
+mod cgroup;
 mod child;
 mod env;
+mod figures;
+mod findings;
 mod kernel;
 mod lull_engine;
 mod measured;
@@ -30,6 +39,7 @@ mod run;
 mod running;
 mod softirq;
 mod system;
+mod window;
 mod worker;
 
 use std::time::Instant;
@@ -43,8 +53,8 @@ use crate::{
     plan::{Plan, RunArgs},
 };
 
-/// Compares lull (eBPF and TCP_INFO), kernel keepalive and a naive tokio engine over real
-/// loopback sockets.
+/// Compares lull (eBPF, TCP_INFO and tiered), kernel keepalive and a naive tokio engine over
+/// real loopback sockets.
 #[derive(Parser, Debug)]
 #[command(name = "real", args_conflicts_with_subcommands = true)]
 struct Cli {
@@ -91,19 +101,34 @@ fn orchestrate(args: &RunArgs) -> Result<()> {
     let netns = system::private_netns();
     let report = BenchReport::new("real");
     let env = env::Environment::probe(netns, args.no_vanishing);
+    let windows: Vec<String> = plan
+        .strategies
+        .iter()
+        .map(|&s| format!("{} {:?}", s.label(), plan.window(s)))
+        .collect();
     eprintln!(
-        "real: {:?} connections per strategy, at most {} per worker or peer process; idle {:?}, \
-         interval {:?}, count {} (bound {:?}); {:?} window, hangs at +{:?}; {}",
+        "real: {:?} connections per strategy and mix ({}), at most {} per worker or peer \
+         process; idle {:?}, interval {:?}, count {} (bound {:?}, lull-tiered's hung_after \
+         {:?}); windows {}, hangs at +{:?}; {}",
         plan.sizes,
+        plan.mixes
+            .iter()
+            .map(|m| m.label())
+            .collect::<Vec<_>>()
+            .join(", "),
         plan.per_process,
         plan.timing.idle(),
         plan.timing.interval(),
         plan.timing.count,
         plan.timing.bound(),
-        plan.window,
+        plan.timing.hung_after(),
+        windows.join(", "),
         plan.hang_after,
         env.describe(),
     );
+    if let Err(why) = &env.cgroup {
+        eprintln!("real: no cgroup for the workers: {why}");
+    }
     if let Err(why) = &env.softirq {
         eprintln!("real: softirq time not measured: {why}");
     }
@@ -112,35 +137,37 @@ fn orchestrate(args: &RunArgs) -> Result<()> {
     let mut backgrounds = vec![env::background(&plan, &env)?];
     say_background(backgrounds[0]);
     let mut passes = Vec::new();
-    for (pass, &size) in plan.sizes.iter().enumerate() {
+    let total = plan.sizes.len() * plan.mixes.len();
+    for &size in &plan.sizes {
         let plan = plan.with_conns(size);
-        if plan.sizes.len() > 1 {
+        for &mix in &plan.mixes {
             eprintln!(
-                "real: pass {}/{}: {size} connections per strategy ({:.0?} so far)",
-                pass + 1,
-                plan.sizes.len(),
+                "real: pass {}/{total}: {} mix, {size} connections per strategy ({:.0?} so far)",
+                passes.len() + 1,
+                mix.label(),
                 started.elapsed()
             );
-        }
-        let mut outcomes = Vec::new();
-        for &strategy in &plan.strategies {
-            let before = backgrounds[backgrounds.len() - 1];
-            let mut outcome = run::strategy(&plan, &env, strategy);
-            if let Status::Failed(why) | Status::Unavailable(why) = &outcome.status {
-                eprintln!("[{}] not measured: {why}", strategy.label());
+            let mut outcomes = Vec::new();
+            for &strategy in &plan.strategies {
+                let before = backgrounds[backgrounds.len() - 1];
+                let mut outcome = run::strategy(&plan, &env, strategy, mix);
+                if let Status::Failed(why) | Status::Unavailable(why) = &outcome.status {
+                    eprintln!("[{} {}] not measured: {why}", mix.label(), strategy.label());
+                }
+                let background = env::background(&plan, &env)?;
+                say_background(background);
+                backgrounds.push(background);
+                if let Status::Ran(m) = &mut outcome.status {
+                    m.cpu.background = env::Background::mean(before, background);
+                }
+                outcomes.push(outcome);
             }
-            let background = env::background(&plan, &env)?;
-            say_background(background);
-            backgrounds.push(background);
-            if let Status::Ran(m) = &mut outcome.status {
-                m.cpu.background = env::Background::mean(before, background);
-            }
-            outcomes.push(outcome);
+            passes.push(measured::Pass {
+                conns: size,
+                mix,
+                outcomes,
+            });
         }
-        passes.push(report::Pass {
-            conns: size,
-            outcomes,
-        });
     }
     let report = report::build(
         report,

@@ -3,7 +3,12 @@
 
 use std::time::Duration;
 
-use crate::{env::Background, proto::Strategy};
+use crate::{
+    attachment::Attachment,
+    env::Background,
+    plan::{Bounds, VERDICT_SLACK},
+    proto::{LullCounters, Mix, Role, Strategy},
+};
 
 /// One strategy at one connection count: measured, or why not.
 pub struct Outcome {
@@ -18,6 +23,23 @@ impl Outcome {
             Status::Ran(m) => Some(m),
             _ => None,
         }
+    }
+}
+
+/// Every strategy in one mix at one connection count.
+pub struct Pass {
+    pub conns: u64,
+    pub mix: Mix,
+    pub outcomes: Vec<Outcome>,
+}
+
+impl Pass {
+    /// What `strategy` measured in this pass, if it ran.
+    pub fn measured(&self, strategy: Strategy) -> Option<&Measured> {
+        self.outcomes
+            .iter()
+            .find(|o| o.strategy == strategy)
+            .and_then(Outcome::measured)
     }
 }
 
@@ -38,8 +60,13 @@ pub struct Measured {
     pub setup: Duration,
     pub window: Duration,
     pub cpu: Cpu,
+    /// Probes the strategy sent: its own count; `TCPKeepAlive` for kernel keepalive; both for
+    /// lull-tiered, whose transport tier is the kernel's keepalive.
     pub probes: u64,
-    /// `TCPKeepAlive` over the window (kernel probes; 0 for the others, as a check).
+    /// lull's and tokio's own count of their probes.
+    pub own_probes: Option<u64>,
+    /// `TCPKeepAlive` over the window (kernel probes; 0 for lull and tokio, except
+    /// lull-tiered, as a check).
     pub keepalives: u64,
     pub segments: u64,
     /// Packets dropped at a full loopback backlog during the window.
@@ -48,6 +75,24 @@ pub struct Measured {
     pub wakeups: (u64, u64),
     pub hung_ms: Vec<f64>,
     pub vanished_ms: Vec<f64>,
+    /// lull's first verdicts on hung and on vanished peers, by tier ([`crate::proto::Tier`]
+    /// order).
+    pub hung_tiers: [u64; 2],
+    pub vanished_tiers: [u64; 2],
+    /// Verdicts on connections already reported dead (only the first counts above), by the
+    /// tier that made them for lull, in `[transport, application, untiered]` order.
+    pub repeated: [u64; 3],
+    /// How long the strategy may take to report each kind of dead peer.
+    pub bounds: Bounds,
+    /// lull's engine counters over the window, summed over workers (lull only).
+    pub lull: Option<LullCounters>,
+    /// lull's policy's nominal probe period for an answering connection (lull only).
+    pub nominal_period: Option<Duration>,
+    /// Where lull's programs ran (lull's eBPF strategies, when the run has its cgroup).
+    pub attachment: Option<Result<Attachment, String>>,
+    /// Programs found attached to the run's cgroup before the strategy started: left behind
+    /// by the one before, and run by this one's sockets too.
+    pub stale: Option<String>,
     /// Answering or busy connections reported dead.
     pub wrongly_dead: u64,
     pub closed: u64,
@@ -68,9 +113,62 @@ impl Measured {
         self.cpu.ours() / self.hours()
     }
 
+    /// CPU over the window, in percent of one core.
+    pub fn core_pct(&self) -> f64 {
+        self.cpu.ours() / (self.window.as_secs_f64() * 1e3) * 100.0
+    }
+
     /// CPU per probe sent, µs.
     pub fn per_probe_us(&self) -> Option<f64> {
         (self.probes > 0).then(|| self.cpu.ours() * 1e3 / self.probes as f64)
+    }
+
+    /// The workers' own CPU (user + system) per probe sent, µs: the part of a probe that
+    /// stays on the keepalive side's host on a real network.
+    pub fn worker_us_per_probe(&self) -> Option<f64> {
+        (self.probes > 0)
+            .then(|| (self.cpu.workers_user + self.cpu.workers_sys) * 1e3 / self.probes as f64)
+    }
+
+    /// Peers of `role` in the population.
+    pub fn of(&self, role: Role) -> u64 {
+        self.roles[role.index()]
+    }
+
+    /// Hung peers caught within the bound, [`VERDICT_SLACK`] allowed (`None` if the strategy
+    /// cannot see them).
+    pub fn hung_within(&self) -> Option<usize> {
+        let bound = (self.bounds.hung? + VERDICT_SLACK).as_secs_f64() * 1e3;
+        Some(self.hung_ms.iter().filter(|&&ms| ms <= bound).count())
+    }
+
+    /// Vanished peers caught within the bound, [`VERDICT_SLACK`] allowed.
+    pub fn vanished_within(&self) -> usize {
+        let bound = (self.bounds.vanished + VERDICT_SLACK).as_secs_f64() * 1e3;
+        self.vanished_ms.iter().filter(|&&ms| ms <= bound).count()
+    }
+
+    /// Every dead peer the strategy can see caught within its bound; for one that cannot see
+    /// hung peers, none of them reported.
+    pub fn caught_all_in_bounds(&self) -> bool {
+        let hung = match self.hung_within() {
+            Some(within) => within as u64 == self.of(Role::Hung),
+            None => self.hung_ms.is_empty(),
+        };
+        hung && self.vanished_within() as u64 == self.of(Role::Vanishing)
+    }
+
+    /// lull's probes to answering connections per connection-hour, and the policy's nominal
+    /// rate.
+    pub fn probe_rate(&self) -> Option<(f64, f64)> {
+        let (lull, period) = (self.lull?, self.nominal_period?);
+        let hours = self.of(Role::Answering) as f64 * self.window.as_secs_f64() / 3600.0;
+        (hours > 0.0).then(|| {
+            (
+                lull.probes_answering as f64 / hours,
+                3600.0 / period.as_secs_f64(),
+            )
+        })
     }
 
     /// Kernel memory per connection: the slab caches that grew with the connections (less
@@ -151,5 +249,17 @@ pub struct Memory {
     /// the connections (less `/proc` fd entries).
     pub objects: Option<(i64, i64)>,
     pub top: Vec<(String, i64)>,
+    /// The workers' resident memory growth while they opened their connections.
     pub rss: i64,
+    /// Resident memory a worker took on average to start its strategy, before its first
+    /// connection, and of it the shared part (lull's mapping of its host-wide table).
+    pub start_rss: (f64, f64),
+}
+
+/// `values` at quantile `q` (nearest rank), or `None` if empty.
+pub fn quantile(values: &[f64], q: f64) -> Option<f64> {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len().max(1));
+    v.get(rank - 1).copied()
 }

@@ -1,19 +1,19 @@
 //! The naive engine most applications write: a current-thread tokio runtime (one core's worth,
 //! like one lull engine) with a task per connection that reads with a `tokio::time::sleep`
-//! beside it, resets the sleep on every read, and on expiry sends `PING\r\n` and waits
+//! beside it, resets the sleep on every read, and on expiry sends lull's Redis `PING` and waits
 //! `interval` for any reply, `count` times, before calling the peer dead.
 
 use std::{
     net::TcpStream as StdStream,
     sync::{
-        Arc, Mutex,
+        Arc, LazyLock, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
 
 use anyhow::{Context as _, Result};
-use lull::clock::monotonic_ns;
+use lull::{Payload, clock::monotonic_ns};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -22,15 +22,18 @@ use tokio::{
 };
 
 use crate::{
-    proto::{Report, Timing},
+    proto::{Report, Role, Timing, Verdict},
     running::Running,
 };
+
+/// lull's probe, byte for byte, so that both engines send the same.
+static PROBE: LazyLock<Payload> = LazyLock::new(Payload::redis_ping);
 
 #[derive(Default)]
 struct Shared {
     probes: AtomicU64,
     closed: AtomicU64,
-    dead: Mutex<Vec<(u64, u64)>>,
+    dead: Mutex<Vec<Verdict>>,
     /// Sockets of dead peers, kept open like lull's (it only reports) and the kernel's.
     graveyard: Mutex<Vec<TcpStream>>,
 }
@@ -65,6 +68,7 @@ async fn keepalive(
     opened: Instant,
 ) {
     let (idle, interval) = (timing.idle(), timing.interval());
+    let probe = PROBE.as_bytes();
     let mut buf = [0u8; 256];
     // From the moment the connection opened, not from the task's first poll, which waits
     // for the runtime's next turn.
@@ -84,7 +88,7 @@ async fn keepalive(
         }
         let mut answered = false;
         for _ in 0..timing.count {
-            if stream.write_all(b"PING\r\n").await.is_err() {
+            if stream.write_all(probe).await.is_err() {
                 shared.closed.fetch_add(1, Ordering::Relaxed);
                 return;
             }
@@ -106,7 +110,11 @@ async fn keepalive(
         }
         if !answered {
             let now = monotonic_ns();
-            shared.dead.lock().unwrap().push((global, now));
+            shared.dead.lock().unwrap().push(Verdict {
+                global,
+                at: now,
+                tier: None,
+            });
             shared.graveyard.lock().unwrap().push(stream);
             return;
         }
@@ -115,7 +123,7 @@ async fn keepalive(
 }
 
 impl Running for TokioRun {
-    fn add(&mut self, global: u64, stream: StdStream) -> Result<()> {
+    fn add(&mut self, global: u64, _role: Role, stream: StdStream) -> Result<()> {
         stream.set_nonblocking(true)?;
         // Registering with the reactor needs the runtime's context.
         let _guard = self.runtime.enter();
@@ -151,6 +159,7 @@ impl Running for TokioRun {
             dead: self.shared.dead.lock().unwrap().clone(),
             closed: self.shared.closed.load(Ordering::Relaxed),
             revived: 0,
+            lull: None,
         }
     }
 }

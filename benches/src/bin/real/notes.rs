@@ -7,42 +7,63 @@ use lull_benches::{BenchReport, thousands};
 
 use crate::{
     env::{Background, Environment},
-    measured::{Measured, Outcome, Status},
+    measured::{Measured, Pass, Status},
     plan::Plan,
-    proto::{Role, Strategy},
+    proto::{Mix, Strategy},
 };
 
 pub fn notes(
     report: &mut BenchReport,
     plan: &Plan,
     env: &Environment,
-    outcomes: &[Outcome],
+    passes: &[&Pass],
     (backgrounds, backlog): (&[Background], Option<(u64, u64)>),
     elapsed: Duration,
 ) {
-    let ran: Vec<(Strategy, &Measured)> = outcomes
+    let ran: Vec<(Mix, Strategy, &Measured)> = passes
         .iter()
-        .filter_map(|o| o.measured().map(|m| (o.strategy, m)))
+        .flat_map(|p| {
+            p.outcomes
+                .iter()
+                .filter_map(|o| o.measured().map(|m| (p.mix, o.strategy, m)))
+        })
         .collect();
-    let window_s = plan.window.as_secs_f64();
     let notes = &mut report.notes;
 
-    for outcome in outcomes {
-        match &outcome.status {
-            Status::Unavailable(why) => notes.push(format!(
-                "{} was not measured: unavailable here ({why}).",
-                outcome.strategy.label()
-            )),
-            Status::Failed(why) => notes.push(format!(
-                "{} was not measured: it failed ({why}).",
-                outcome.strategy.label()
-            )),
-            Status::Ran(_) => {}
+    for pass in passes {
+        for outcome in &pass.outcomes {
+            let what = format!(
+                "{} in the {} mix",
+                outcome.strategy.label(),
+                pass.mix.label()
+            );
+            match &outcome.status {
+                Status::Unavailable(why) => notes.push(format!(
+                    "{what} was not measured: unavailable here ({why})."
+                )),
+                Status::Failed(why) => {
+                    notes.push(format!("{what} was not measured: it failed ({why})."));
+                }
+                Status::Ran(_) => {}
+            }
         }
     }
+    notes.push(
+        "real.json's \"figures\" holds the detailed pass's headline figures as plain numbers, \
+         laid out both ways the issues name them: by figure, then mix, then strategy \
+         (figures.ms_per_conn_hour.standard[\"lull-ebpf\"]) and by mix, then strategy, then \
+         figure (figures.standard[\"lull-ebpf\"].ms_per_conn_hour). The figures: \
+         ms_per_conn_hour, hung_caught and vanished_caught as [caught, total] (caught in the \
+         window, whatever the latency), hung_p99_ms and vanished_p99_ms (null when none was \
+         caught), worker_us_per_probe (the workers' own CPU per probe sent), and for lull \
+         hung_by_tier and vanished_by_tier ({transport, application}). A strategy that did not \
+         run has null figures."
+            .into(),
+    );
     let setups: Vec<String> = ran
         .iter()
-        .map(|(s, m)| {
+        .filter(|(mix, _, _)| Some(*mix) == passes.first().map(|p| p.mix))
+        .map(|(_, s, m)| {
             format!(
                 "{} {} connections in {} worker + {} peer processes, up in {:.1} s{}{}",
                 s.label(),
@@ -63,14 +84,24 @@ pub fn notes(
             )
         })
         .collect();
+    let mixes: Vec<String> = passes
+        .iter()
+        .map(|p| format!("{} ({})", p.mix.label(), p.mix.describe()))
+        .collect();
     notes.push(format!(
-        "Connections reached: {}. Asked for {} per strategy, at most {} per process (the fd \
+        "Connections reached{}: {}. Asked for {} per strategy, at most {} per process (the fd \
          limit is 20,000 per process), one strategy at a time, each over a fresh population \
-         with the same roles: 5% busy (a byte every idle/4), 1% hung, {} the rest answering \
-         every read with +PONG. Each worker opens its connections at an even pace over one \
-         idle period and puts each under its strategy at once, so timers are spread as after a \
-         long run rather than firing in step; the window opens once all are up, and is a whole \
-         number of idle periods. lull's tick: {}. Whole run: {:.0} s; {}.",
+         with the same roles: in every mix 1% hung, {} the rest answering every read with \
+         +PONG, and busy connections as the mix says: {}. Each worker opens its connections at \
+         an even pace over one nominal probe period of its strategy (idle; for lull-tiered its \
+         application tier's period, {:.1} s) and puts each under its strategy at once, so \
+         timers are spread as after a long run rather than firing in step; the window opens \
+         once all are up, and is a whole number of idle periods, {:.0} s, or longer where a \
+         strategy's bound needs it to hold the hang and the verdict (lull-tiered: {:.0} s). \
+         lull's tick: {}. Whole run: {:.0} s; {}.",
+        passes
+            .first()
+            .map_or(String::new(), |p| format!(" ({} mix)", p.mix.label())),
         setups.join("; "),
         thousands(plan.conns),
         thousands(plan.per_process),
@@ -79,6 +110,10 @@ pub fn notes(
         } else {
             "no vanishing peers,"
         },
+        mixes.join("; "),
+        plan.spread(Strategy::LullTiered).as_secs_f64(),
+        plan.base_window.as_secs_f64(),
+        plan.window(Strategy::LullTiered).as_secs_f64(),
         plan.lull_tick
             .map_or("1 ms (its default)".into(), |t| format!("{t:?}")),
         elapsed.as_secs_f64(),
@@ -93,7 +128,7 @@ pub fn notes(
     };
     let irq_note = match &env.softirq {
         Ok(_) => format!(
-            "CPU ms is the CPU time of every process of the run over the {window_s:.0} s window \
+            "CPU ms is the CPU time of every process of the run over its strategy's window \
              (workers, peers answering the probes, this orchestrator; /proc/<pid>/stat, all \
              threads, user + system, which on loopback includes delivering each packet to the \
              other end and any softirq that interrupted them), plus the softirq time charged to \
@@ -118,7 +153,7 @@ pub fn notes(
             rates(|b| Some(b.whole_less_others)),
         ),
         Err(why) => format!(
-            "CPU ms is whole-system CPU over the {window_s:.0} s window (every CPU's time less \
+            "CPU ms is whole-system CPU over its strategy's window (every CPU's time less \
              idle, from /proc/stat, exact with a tickless idle) less the CPU of every \
              user-space process outside the run (from /proc/<pid>/stat at both ends of the \
              window, reaped children included), less the same measured with nothing of the \
@@ -149,30 +184,19 @@ pub fn notes(
          application."
             .into(),
     );
-    if let Some((_, m)) = ran.iter().find(|(s, _)| *s == Strategy::LullEbpf)
-        && m.processes > 1
-    {
-        notes.push(format!(
-            "lull-ebpf ran as {} processes, each loading its own BPF table and attaching its own \
-             cgroup_skb programs to the root cgroup, so every packet ran {} ingress/egress \
-             program pairs, {} of them a socket-storage miss: a cost one process holding every \
-             socket (one engine group, one table) would not pay.",
-            m.processes,
-            m.processes,
-            m.processes - 1
-        ));
-    }
+    crate::findings::attachment(notes, env, &ran);
     let stray: Vec<String> = ran
         .iter()
-        .filter(|(s, _)| *s != Strategy::Kernel)
-        .map(|(s, m)| format!("{} {}", s.label(), m.keepalives))
+        .filter(|(_, s, _)| !s.kernel_probes())
+        .map(|(mix, s, m)| format!("{} {} {}", mix.label(), s.label(), m.keepalives))
         .collect();
     notes.push(format!(
         "Probes sent: lull's and tokio's own counts between the window's start and end; the \
          kernel's are TcpExt TCPKeepAlive from /proc/net/netstat over the window, which counts \
-         the whole network namespace ({}). lull brings each timer forward by up to 10% of idle \
-         at random (its default jitter), so it probes a connection about 5% more often than \
-         kernel keepalive or the tokio engine.{}",
+         the whole network namespace ({}); lull-tiered's are both, its own probes (application \
+         tier) and the kernel keepalives of its transport tier, and its CPU per probe divides \
+         by both. lull's jitter spreads each idle timer over a window centred on idle, so its \
+         probe rate is the policy's nominal rate (the probe-cycle table compares them).{}",
         if env.shared_netns.is_none() {
             "the run's own, holding nothing but its connections"
         } else {
@@ -187,55 +211,10 @@ pub fn notes(
             )
         },
     ));
-    let vanishing = match ran.iter().find_map(|(_, m)| m.blackhole_ms) {
-        Some(ms) => format!(
-            "; vanishing peers lose every packet from the same instant (an iptables DROP rule \
-             in the run's namespace, which took {ms:.0} ms to add)"
-        ),
-        None => String::new(),
-    };
-    notes.push(format!(
-        "Detection: hung peers stop answering (socket open, kernel still ACKing) at a fixed \
-         instant {:.1} s into the window{vanishing}. Latency runs from that instant to the \
-         verdict, so with a peer silent since up to one idle period before it, anything from \
-         count x interval ({} s) to the bound ({} s) is expected. Kernel keepalive's probes are \
-         ACKed by a hung peer's kernel, so it cannot catch hung peers; it can catch vanished \
-         ones, through the error (ETIMEDOUT) epoll reports.",
-        plan.hang_after.as_secs_f64(),
-        (plan.timing.interval() * plan.timing.count).as_secs_f64(),
-        plan.timing.bound().as_secs_f64(),
-    ));
-    // Wakeups per worker process a second, for the first of these that ran.
-    let wakeups = |of: &[Strategy]| {
-        ran.iter().find(|(s, _)| of.contains(s)).map(|(s, m)| {
-            let rate = m.wakeups.0 as f64 / m.window.as_secs_f64() / m.processes as f64;
-            (s.label(), rate)
-        })
-    };
-    let lull = wakeups(&[Strategy::LullEbpf, Strategy::LullTcpinfo]);
-    if let (Some((lull, lull_rate)), Some((_, tokio_rate))) = (lull, wakeups(&[Strategy::Tokio])) {
-        let busy = ran.first().map_or(0, |(_, m)| m.roles[Role::Busy.index()]);
-        notes.push(format!(
-            "With this mix nearly all the work is probes and their answers, which lull and tokio \
-             send alike (about the same count, one write and one read each, and the peer's \
-             answer). lull's laziness pays on busy connections, which here are {busy} carrying a \
-             byte every idle/4: the tokio engine resets {:.0} timers a second for them, which \
-             costs little next to the probes. So lull has little to save here, and it pays for \
-             how it learns of activity, which tokio gets from the reads it makes anyway: \
-             lull-tcpinfo makes a TCP_INFO getsockopt at every timer firing, and lull-ebpf's \
-             programs run on every packet (see the note on its processes). lull also drains \
-             with a non-blocking RECV at every firing, including those where nothing arrived, \
-             where tokio reads only when epoll reports data. Wakeups per process a second: \
-             {lull_rate:.0} for {lull}'s engine (it sleeps until its next due timer, at a {} \
-             tick), {tokio_rate:.0} for tokio's runtime. BENCHMARKS.md has a profile of where \
-             each strategy's time goes. \
-             --lull-tick sets lull's tick for a run.",
-            busy as f64 * 4.0 / plan.timing.idle().as_secs_f64(),
-            plan.lull_tick
-                .map_or("1 ms (its default)".into(), |t| format!("{t:?}")),
-        ));
-    }
-    let drops: u64 = ran.iter().map(|(_, m)| m.drops).sum();
+    crate::findings::detection(notes, plan, &ran);
+    crate::findings::repeats(notes, &ran);
+    crate::findings::where_time_goes(notes, plan, &ran);
+    let drops: u64 = ran.iter().map(|(_, _, m)| m.drops).sum();
     notes.push(match backlog {
         Some((before, now)) if now > before => format!(
             "net.core.netdev_max_backlog was raised from {before} to {now} for the run and put \
@@ -261,11 +240,12 @@ pub fn notes(
     });
     let wrong: Vec<String> = ran
         .iter()
-        .filter(|(_, m)| m.wrongly_dead > 0 || m.closed > 0 || m.revived > 0)
-        .map(|(s, m)| {
+        .filter(|(_, _, m)| m.wrongly_dead > 0 || m.closed > 0 || m.revived > 0)
+        .map(|(mix, s, m)| {
             format!(
-                "{}: {} answering or busy connections reported dead, {} ended otherwise, {} \
+                "{} {}: {} answering or busy connections reported dead, {} ended otherwise, {} \
                  revived",
+                mix.label(),
                 s.label(),
                 m.wrongly_dead,
                 m.closed,
@@ -291,15 +271,23 @@ pub fn notes(
          that have nothing to do with the connections; Slab and the all-caches column still \
          have them and the churn). Each connection is two sockets (the worker's and \
          the peer's) with their files, inodes and dentries, plus the peer's pending io_uring \
-         read (the same for every strategy); epoll items for kernel and tokio; for lull-ebpf a \
-         socket-storage element per registered socket. lull-ebpf's table (24 B a slot) is a \
-         vmalloc'd BPF array, outside slab. Other processes' activity during setup moves these \
-         a little. Worker RSS is the workers' own user-space growth over the same span."
+         read (the same for every strategy); epoll items for kernel and tokio; for lull-ebpf \
+         and lull-tiered a socket-storage element per registered socket. Their table (24 B a \
+         row, shared by every lull process on the host) is a vmalloc'd BPF array, outside \
+         slab. Other processes' activity during setup moves these \
+         a little. Worker RSS is the workers' own growth while they opened their connections; \
+         what a worker took to start its strategy before the first one is a cost per process, \
+         shown apart (\"start RSS\", in MB, with its shared part, RssFile + RssShmem, in \
+         brackets: for lull-ebpf and lull-tiered mostly the mapping of lull's host-wide \
+         activity table, which every lull process maps whole, one set of pages on the host)."
             .into(),
     );
+    // The first mix's, the standard one in a default run.
+    let first = passes.first().map(|p| p.mix);
     let extrapolated: Vec<String> = ran
         .iter()
-        .map(|(s, m)| {
+        .filter(|(mix, _, _)| Some(*mix) == first)
+        .map(|(_, s, m)| {
             let cores = m.per_conn_hour() * 1e6 / 3.6e6;
             format!(
                 "{} {:.2} cores, {:.1} GiB slab, {:.2} GiB worker RSS",
@@ -312,9 +300,11 @@ pub fn notes(
         .collect();
     notes.push(format!(
         "Extrapolation to 1M real sockets (not measured: the per-connection figures above times \
-         one million, at this policy and traffic mix, both ends on one host as here): {}. At \
-         this fd limit 1M client sockets take about {} worker processes; on a real network the \
-         peers' share of the CPU and half of the slab would be on other hosts.",
+         one million, at this policy and the {} mix, both ends on one host as here): {}. At \
+         this fd limit 1M client sockets take about {} worker processes, each with its start \
+         RSS on top; on a real network the peers' share of the CPU and half of the slab would \
+         be on other hosts.",
+        first.map_or("", Mix::label),
         extrapolated.join("; "),
         1_000_000u64.div_ceil(plan.per_process),
     ));

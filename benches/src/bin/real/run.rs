@@ -1,6 +1,6 @@
-//! One strategy, start to finish: peers up, memory read, workers up, memory read again, the
-//! measured window (with the hang and the vanishing inside it), reports in, everything torn
-//! down.
+//! One strategy in one mix, start to finish: peers up, memory read, workers up (and where
+//! lull's programs run checked), memory read again, the measured window (with the hang and
+//! the vanishing inside it), reports in, everything torn down.
 
 use std::{
     collections::HashSet,
@@ -8,102 +8,50 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use lull::clock::monotonic_ns;
 
 use crate::{
+    attachment::{Attachment, Programs},
     child::Kid,
-    env::{Background, Environment},
-    measured::{Cpu, Measured, Memory, Outcome, Status},
+    env::Environment,
+    lull_engine,
+    measured::{Measured, Memory, Outcome, Status},
     plan::Plan,
     proto::{
-        ACCEPTED, CMD_COUNT, CMD_HANG, CMD_MARK, CMD_REPORT, MARKED, PORTS, READY, REPORT, Ready,
-        Report, Role, Strategy, UNAVAILABLE, role_of,
+        ACCEPTED, CMD_COUNT, LullCounters, Mix, PORTS, READY, Ready, Role, Strategy, Tier,
+        UNAVAILABLE, Verdict, role_of,
     },
-    softirq::SoftirqTime,
-    system::{
-        CpuStat, Meminfo, ProcCpu, ProcScan, SlabInfo, TcpCounters, backlog_drops, blackhole,
-        ticks_to_ms, wakeups,
-    },
+    system::{Meminfo, SlabInfo},
+    window::{self, Window},
 };
 
-/// CPU and counters read at one end of the window.
-struct Snapshot {
-    cpu: CpuStat,
-    scan: ProcScan,
-    tcp: TcpCounters,
-    drops: u64,
-    softirq: Option<SoftirqTime>,
-    /// Wakeups of the workers' and the peers' threads.
-    wakeups: (u64, u64),
-    workers: Vec<ProcCpu>,
-    peers: Vec<ProcCpu>,
-    me: ProcCpu,
-}
-
-impl Snapshot {
-    fn take(env: &Environment, workers: &[Kid], peers: &[Kid]) -> Result<Self> {
-        let read = |kids: &[Kid]| -> Vec<ProcCpu> {
-            kids.iter()
-                .map(|k| ProcCpu::read(k.pid).unwrap_or_default())
-                .collect()
-        };
-        Ok(Self {
-            cpu: CpuStat::read()?,
-            scan: ProcScan::read(),
-            tcp: TcpCounters::read()?,
-            drops: backlog_drops(),
-            softirq: env.softirq_now(),
-            wakeups: (
-                workers.iter().map(|k| wakeups(k.pid)).sum(),
-                peers.iter().map(|k| wakeups(k.pid)).sum(),
-            ),
-            workers: read(workers),
-            peers: read(peers),
-            me: ProcCpu::read(std::process::id()).unwrap_or_default(),
-        })
-    }
-}
-
-fn sum_delta(end: &[ProcCpu], start: &[ProcCpu], f: fn(&ProcCpu) -> u64) -> f64 {
-    let ticks: u64 = end
-        .iter()
-        .zip(start)
-        .map(|(e, s)| f(e).saturating_sub(f(s)))
-        .sum();
-    ticks_to_ms(ticks)
-}
-
-pub fn strategy(plan: &Plan, env: &Environment, strategy: Strategy) -> Outcome {
-    let status = match measure(plan, env, strategy) {
+pub fn strategy(plan: &Plan, env: &Environment, strategy: Strategy, mix: Mix) -> Outcome {
+    let status = match measure(plan, env, strategy, mix) {
         Ok(status) => status,
         Err(err) => Status::Failed(format!("{err:#}")),
     };
     Outcome { strategy, status }
 }
 
-/// Removes the firewall rule when dropped, so that no later strategy starts with it.
-struct Blackhole;
-
-impl Drop for Blackhole {
-    fn drop(&mut self) {
-        if let Err(err) = blackhole("-D") {
-            eprintln!("real: removing the firewall rule: {err:#}");
-        }
-    }
-}
-
 /// Starts the peer processes; returns them and their listeners, ready for `--targets`.
-fn spawn_peers(plan: &Plan, env: &Environment, lifetime: &str) -> Result<(Vec<Kid>, Vec<String>)> {
+fn spawn_peers(
+    plan: &Plan,
+    env: &Environment,
+    mix: Mix,
+    lifetime: &str,
+) -> Result<(Vec<Kid>, Vec<String>)> {
     let k = plan.processes();
     let (mut peers, mut targets) = (Vec::with_capacity(k), Vec::with_capacity(k));
     for i in 0..k {
         let args = [
             "peer".to_string(),
             format!("--index={i}"),
-            format!("--busy-every-ms={}", plan.timing.idle_ms / 4),
+            format!(
+                "--busy-every-ms={}",
+                mix.busy_every(&plan.timing).as_millis()
+            ),
             format!("--lifetime-secs={lifetime}"),
         ];
-        let mut kid = env.spawn(format!("peer {i}"), &args)?;
+        let mut kid = env.spawn_peer(format!("peer {i}"), &args)?;
         let ports = kid.expect(PORTS, &[], Duration::from_secs(10))?;
         targets.push(ports.split_whitespace().collect::<Vec<_>>().join(","));
         peers.push(kid);
@@ -115,7 +63,7 @@ fn spawn_peers(plan: &Plan, env: &Environment, lifetime: &str) -> Result<(Vec<Ki
 fn spawn_workers(
     plan: &Plan,
     env: &Environment,
-    strategy: Strategy,
+    (strategy, mix): (Strategy, Mix),
     targets: &[String],
     lifetime: &str,
 ) -> Result<Vec<Kid>> {
@@ -127,13 +75,14 @@ fn spawn_workers(
         let mut args = vec![
             "worker".to_string(),
             format!("--strategy={}", strategy.label()),
+            format!("--mix={}", mix.label()),
             format!("--first={first}"),
             format!("--conns={n}"),
             format!("--targets={target}"),
             format!("--idle-ms={}", plan.timing.idle_ms),
             format!("--interval-ms={}", plan.timing.interval_ms),
             format!("--count={}", plan.timing.count),
-            format!("--spread-ms={}", plan.timing.idle_ms),
+            format!("--spread-ms={}", plan.spread(strategy).as_millis()),
             format!("--lifetime-secs={lifetime}"),
         ];
         if env.vanishing() {
@@ -142,7 +91,7 @@ fn spawn_workers(
         if let Some(tick) = plan.lull_tick {
             args.push(format!("--lull-tick-us={}", tick.as_micros()));
         }
-        workers.push(env.spawn(format!("{} worker {i}", strategy.label()), &args)?);
+        workers.push(env.spawn_worker(format!("{} worker {i}", strategy.label()), &args)?);
         first += n;
     }
     Ok(workers)
@@ -170,97 +119,36 @@ fn wait_ready(label: &str, workers: &mut [Kid]) -> Result<std::result::Result<Ve
     Ok(Ok(readies))
 }
 
-/// What the window yields: both snapshots, its length, when the peers hung and vanished, and
-/// the workers' reports.
-struct Window {
-    start: Snapshot,
-    end: Snapshot,
-    length: Duration,
-    hang_ns: u64,
-    /// When the vanishing peers vanished, and how long the firewall rule took to go in.
-    vanish: Option<(u64, f64)>,
-    reports: Vec<Report>,
-}
-
-fn window(
-    plan: &Plan,
-    env: &Environment,
-    label: &str,
-    workers: &mut [Kid],
-    peers: &mut [Kid],
-) -> Result<Window> {
-    let start = Snapshot::take(env, workers, peers)?;
-    let (w0, w0_ns) = (Instant::now(), monotonic_ns());
-    for worker in workers.iter_mut() {
-        worker.send(CMD_MARK)?;
-    }
-    for worker in workers.iter_mut() {
-        worker.expect(MARKED, &[], Duration::from_secs(10))?;
-    }
-    let hang_ns = w0_ns + plan.hang_after.as_nanos() as u64;
-    for peer in peers.iter_mut() {
-        peer.send(&format!("{CMD_HANG} {hang_ns}"))?;
-    }
-    std::thread::sleep((w0 + plan.hang_after).saturating_duration_since(Instant::now()));
-    let (mut rule, mut vanish) = (None, None);
-    if env.vanishing() {
-        let t = Instant::now();
-        blackhole("-I")?;
-        rule = Some(Blackhole);
-        vanish = Some((monotonic_ns(), t.elapsed().as_secs_f64() * 1e3));
-    }
-    let also = if env.vanishing() {
-        " and vanishing peers vanish"
-    } else {
-        ""
-    };
-    eprintln!(
-        "[{label}] window open; hung peers hang{also} at +{:?}",
-        plan.hang_after
-    );
-    // Bounded: one turn per 10 s of the window.
-    while w0.elapsed() < plan.window {
-        let left = plan.window.saturating_sub(w0.elapsed());
-        std::thread::sleep(left.min(Duration::from_secs(10)));
-        if w0.elapsed() < plan.window {
-            let secs = w0.elapsed().as_secs_f64();
-            eprintln!("[{label}] {secs:.0} s of {} s", plan.window.as_secs());
-        }
-    }
-    let end = Snapshot::take(env, workers, peers)?;
-    let length = w0.elapsed();
-    for worker in workers.iter_mut() {
-        worker.send(CMD_REPORT)?;
-    }
-    let mut reports = Vec::with_capacity(workers.len());
-    for worker in workers.iter_mut() {
-        let line = worker.expect(REPORT, &[], Duration::from_secs(30))?;
-        reports.push(serde_json::from_str(&line).context("a worker's REPORT line")?);
-    }
-    drop(rule);
-    Ok(Window {
-        start,
-        end,
-        length,
-        hang_ns,
-        vanish,
-        reports,
-    })
-}
-
-fn measure(plan: &Plan, env: &Environment, strategy: Strategy) -> Result<Status> {
-    let label = strategy.label();
+fn measure(plan: &Plan, env: &Environment, strategy: Strategy, mix: Mix) -> Result<Status> {
+    let label = format!("{} {}", mix.label(), strategy.label());
+    let label = label.as_str();
     let k = plan.processes();
-    let lifetime = (plan.window + Duration::from_secs(300))
+    let length = plan.window(strategy);
+    let lifetime = (plan.spread(strategy) + length + Duration::from_secs(300))
         .as_secs()
         .to_string();
+    // Whatever is attached to the run's cgroup now was left by an earlier strategy, and
+    // would run on this one's sockets too.
+    let stale = match &env.cgroup {
+        Ok(cgroup) => Programs::query(cgroup.path(), false)
+            .ok()
+            .filter(|p| p.count() > 0)
+            .map(|p| p.describe()),
+        Err(_) => None,
+    };
+    if let Some(stale) = &stale {
+        eprintln!("[{label}] programs left attached to the run's cgroup: {stale}");
+    }
     let t0 = Instant::now();
     eprintln!("[{label}] starting {k} peer process(es)");
-    let (mut peers, targets) = spawn_peers(plan, env, &lifetime)?;
+    let (mut peers, targets) = spawn_peers(plan, env, mix, &lifetime)?;
     std::thread::sleep(plan.settle);
     let (mem0, slab0) = (Meminfo::read()?, SlabInfo::read());
-    eprintln!("[{label}] starting {k} worker process(es)");
-    let mut workers = spawn_workers(plan, env, strategy, &targets, &lifetime)?;
+    eprintln!(
+        "[{label}] starting {k} worker process(es), connecting over {:.1?}",
+        plan.spread(strategy)
+    );
+    let mut workers = spawn_workers(plan, env, (strategy, mix), &targets, &lifetime)?;
     let readies = match wait_ready(label, &mut workers)? {
         Ok(readies) => readies,
         Err(why) => return Ok(Status::Unavailable(why)),
@@ -272,10 +160,21 @@ fn measure(plan: &Plan, env: &Environment, strategy: Strategy) -> Result<Status>
     let conns: u64 = readies.iter().map(|r| r.conns).sum();
     ensure!(conns > 0, "no connection could be opened");
     eprintln!("[{label}] {conns} connections up in {setup:.1?}");
+    let attachment = match (&env.cgroup, strategy.uses_ebpf()) {
+        (Ok(cgroup), true) => {
+            let read = Attachment::read(cgroup, workers.len()).map_err(|e| format!("{e:#}"));
+            if let Ok(a) = &read {
+                let shared = if a.shared() { "shared" } else { "NOT shared" };
+                eprintln!("[{label}] lull's attachment {shared}: {}", a.describe());
+            }
+            Some(read)
+        }
+        _ => None,
+    };
     std::thread::sleep(plan.settle);
     let (mem1, slab1) = (Meminfo::read()?, SlabInfo::read());
 
-    let w = window(plan, env, label, &mut workers, &mut peers)?;
+    let w = window::run(plan, env, label, length, (&mut workers, &mut peers))?;
     eprintln!("[{label}] window closed; tearing down");
     for kid in workers.iter_mut().chain(peers.iter_mut()) {
         kid.finish(Duration::from_secs(10));
@@ -288,33 +187,6 @@ fn measure(plan: &Plan, env: &Environment, strategy: Strategy) -> Result<Status>
         .map(|k| k.pid)
         .chain([std::process::id()])
         .collect();
-    let (start, end) = (&w.start, &w.end);
-    let cpu = Cpu {
-        window_s: w.length.as_secs_f64(),
-        background: Background::default(),
-        whole: ticks_to_ms(end.cpu.busy_since(&start.cpu).0),
-        others: ticks_to_ms(end.scan.others_since(&start.scan, &ours)),
-        workers_user: sum_delta(&end.workers, &start.workers, |p| p.user),
-        workers_sys: sum_delta(&end.workers, &start.workers, |p| p.system),
-        peers_user: sum_delta(&end.peers, &start.peers, |p| p.user),
-        peers_sys: sum_delta(&end.peers, &start.peers, |p| p.system),
-        orchestrator: sum_delta(&[end.me], &[start.me], |p| p.user + p.system + p.children),
-        softirq: start.softirq.zip(end.softirq).map(|(a, b)| b.ms_since(&a)),
-    };
-    let keepalives = end.tcp.keepalive.saturating_sub(start.tcp.keepalive);
-    let probes = match strategy {
-        Strategy::Kernel => keepalives,
-        _ => w.reports.iter().filter_map(|r| r.probes).sum(),
-    };
-    let (mut hung_ms, mut vanished_ms, mut wrongly_dead) = (Vec::new(), Vec::new(), 0);
-    for &(global, at) in w.reports.iter().flat_map(|r| &r.dead) {
-        let since = |t: u64| at.saturating_sub(t) as f64 / 1e6;
-        match (role_of(global, env.vanishing()), w.vanish) {
-            (Role::Hung, _) => hung_ms.push(since(w.hang_ns)),
-            (Role::Vanishing, Some((at, _))) => vanished_ms.push(since(at)),
-            _ => wrongly_dead += 1,
-        }
-    }
     let mut roles = [0u64; 4];
     for ready in &readies {
         for (total, n) in roles.iter_mut().zip(ready.roles) {
@@ -330,10 +202,22 @@ fn measure(plan: &Plan, env: &Environment, strategy: Strategy) -> Result<Status>
         top: growth.map(|g| g.top).unwrap_or_default(),
         rss: readies
             .iter()
-            .map(|r| r.rss_after as i64 - r.rss_before as i64)
+            .map(|r| r.rss_after as i64 - r.rss_started as i64)
             .sum(),
+        start_rss: {
+            let n = readies.len().max(1) as f64;
+            let sum = |f: fn(&Ready) -> f64| readies.iter().map(f).sum::<f64>() / n;
+            (
+                sum(|r| r.rss_started as f64 - r.rss_before as f64),
+                sum(|r| r.shared_started as f64 - r.shared_before as f64),
+            )
+        },
     };
-    let measured = Measured {
+    let (start, end) = (&w.start, &w.end);
+    let keepalives = end.tcp.keepalive.saturating_sub(start.tcp.keepalive);
+    let own_probes = (strategy != Strategy::Kernel)
+        .then(|| w.reports.iter().filter_map(|r| r.probes).sum::<u64>());
+    let mut measured = Measured {
         processes: k,
         conns,
         failed: readies.iter().map(|r| r.failed).sum(),
@@ -344,7 +228,13 @@ fn measure(plan: &Plan, env: &Environment, strategy: Strategy) -> Result<Status>
             .unwrap_or_default(),
         setup,
         window: w.length,
-        probes,
+        probes: own_probes.unwrap_or(0)
+            + if strategy.kernel_probes() {
+                keepalives
+            } else {
+                0
+            },
+        own_probes,
         keepalives,
         segments: end.tcp.out_segs.saturating_sub(start.tcp.out_segs),
         drops: end.drops.saturating_sub(start.drops),
@@ -352,15 +242,26 @@ fn measure(plan: &Plan, env: &Environment, strategy: Strategy) -> Result<Status>
             end.wakeups.0.saturating_sub(start.wakeups.0),
             end.wakeups.1.saturating_sub(start.wakeups.1),
         ),
-        hung_ms,
-        vanished_ms,
-        wrongly_dead,
+        hung_ms: Vec::new(),
+        vanished_ms: Vec::new(),
+        hung_tiers: [0; 2],
+        vanished_tiers: [0; 2],
+        repeated: [0; 3],
+        wrongly_dead: 0,
         closed: w.reports.iter().map(|r| r.closed).sum(),
         revived: w.reports.iter().map(|r| r.revived).sum(),
+        bounds: plan.bounds(strategy),
+        lull: lull_counters(&w),
+        nominal_period: strategy
+            .is_lull()
+            .then(|| lull_engine::policy(strategy, plan.timing).nominal_probe_period()),
+        attachment,
+        stale,
         memory,
         blackhole_ms: w.vanish.map(|(_, ms)| ms),
-        cpu,
+        cpu: w.cpu(&ours),
     };
+    verdicts(&mut measured, &w, env.vanishing(), mix);
     eprintln!(
         "[{label}] {} probes, {:.0} ms in the run's processes, hung caught {}/{}, vanished caught \
          {}/{}",
@@ -372,6 +273,47 @@ fn measure(plan: &Plan, env: &Environment, strategy: Strategy) -> Result<Status>
         roles[Role::Vanishing.index()],
     );
     Ok(Status::Ran(Box::new(measured)))
+}
+
+/// Sorts the workers' verdicts into hung and vanished peers (latency from the instant they
+/// hung or vanished, tier for lull) and connections that should not have been reported. Only
+/// a connection's first verdict counts; later ones are counted apart.
+fn verdicts(m: &mut Measured, w: &Window, vanishing: bool, mix: Mix) {
+    let mut all: Vec<&Verdict> = w.reports.iter().flat_map(|r| &r.dead).collect();
+    all.sort_by_key(|v| v.at);
+    let mut seen = HashSet::new();
+    for v in all {
+        if !seen.insert(v.global) {
+            m.repeated[v.tier.map_or(2, Tier::index)] += 1;
+            continue;
+        }
+        let since = |t: u64| v.at.saturating_sub(t) as f64 / 1e6;
+        let tiers = match (role_of(v.global, vanishing, mix), w.vanish) {
+            (Role::Hung, _) => {
+                m.hung_ms.push(since(w.hang_ns));
+                &mut m.hung_tiers
+            }
+            (Role::Vanishing, Some((at, _))) => {
+                m.vanished_ms.push(since(at));
+                &mut m.vanished_tiers
+            }
+            _ => {
+                m.wrongly_dead += 1;
+                continue;
+            }
+        };
+        if let Some(tier) = v.tier {
+            tiers[tier.index()] += 1;
+        }
+    }
+}
+
+/// lull's counters summed over the workers (`None` for the other strategies).
+fn lull_counters(w: &Window) -> Option<LullCounters> {
+    w.reports.iter().filter_map(|r| r.lull).reduce(|mut a, b| {
+        a.add(&b);
+        a
+    })
 }
 
 /// Waits until the peer has accepted every connection its worker opened, so the memory

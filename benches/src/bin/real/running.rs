@@ -6,12 +6,12 @@ use std::{net::TcpStream, time::Duration};
 
 use anyhow::Result;
 
-use crate::proto::Report;
+use crate::proto::{Report, Role};
 
 /// A strategy at work over the worker's connections.
 pub trait Running {
-    /// Puts one more connection under the strategy.
-    fn add(&mut self, global: u64, stream: TcpStream) -> Result<()>;
+    /// Puts one more connection, which plays `role`, under the strategy.
+    fn add(&mut self, global: u64, role: Role, stream: TcpStream) -> Result<()>;
     /// Called once every connection is added, before READY.
     fn settle(&mut self, _conns: u64) -> Result<()> {
         Ok(())
@@ -20,10 +20,15 @@ pub trait Running {
     fn poll(&mut self, wait: Duration) -> Result<()>;
     /// Probes sent so far, if the strategy counts them itself.
     fn probes(&self) -> Option<u64>;
+    /// The window opens: note whatever [`Running::report`] reports as a difference.
+    fn mark(&mut self) {}
     /// Verdicts and other endings so far.
     fn report(&self) -> Report;
     /// Something about the strategy worth printing (lull's activity source).
     fn detail(&self) -> String {
         String::new()
     }
+    /// Lets go of everything before the worker exits, where that matters to anyone else
+    /// (lull's shared attachment, whose last user detaches it).
+    fn finish(self: Box<Self>) {}
 }

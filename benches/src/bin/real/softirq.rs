@@ -33,7 +33,8 @@ const BPF_PROG_TYPE_RAW_TRACEPOINT: u32 = 17;
 /// and in anything else.
 const VALUE: usize = 32;
 
-fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<RawFd> {
+/// The `bpf(2)` system call, with `attr` as its `union bpf_attr`.
+pub fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<RawFd> {
     // SAFETY: `attr` is a zero-padded `union bpf_attr` of the size passed; every pointer in it
     // points at memory that outlives the call.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), size_of_val(attr)) };

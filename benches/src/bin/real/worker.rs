@@ -23,8 +23,8 @@ use crate::{
     lull_engine::LullRun,
     naive::TokioRun,
     proto::{
-        CMD_MARK, CMD_REPORT, MARKED, READY, REPORT, Ready, Role, Strategy, Timing, UNAVAILABLE,
-        role_of,
+        CMD_MARK, CMD_REPORT, MARKED, Mix, READY, REPORT, Ready, Role, Strategy, Timing,
+        UNAVAILABLE, role_of,
     },
     running::Running,
     system::watchdog,
@@ -47,6 +47,9 @@ pub struct WorkerArgs {
     /// Whether connections `1 mod 100` go to the vanishing listener.
     #[arg(long)]
     vanishing: bool,
+    /// The traffic mix, which says which connections go to the busy listener.
+    #[arg(long, value_enum)]
+    mix: Mix,
     #[arg(long)]
     idle_ms: u64,
     #[arg(long)]
@@ -80,9 +83,10 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
         count: args.count,
     };
     let rss_before = rss_bytes().context("reading the worker's RSS")?;
+    let shared_before = shared_rss();
     let mut running: Box<dyn Running> = match args.strategy {
         // eBPF needs privileges this process may lack: find out before opening anything.
-        Strategy::LullEbpf | Strategy::LullTcpinfo => {
+        Strategy::LullEbpf | Strategy::LullTcpinfo | Strategy::LullTiered => {
             let tick = args.lull_tick_us.map(Duration::from_micros);
             match LullRun::start(args.strategy, timing, args.conns, tick) {
                 Ok(lull) => Box::new(lull),
@@ -96,6 +100,10 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
         Strategy::Kernel => Box::new(KernelRun::new(timing, args.conns as usize)?),
         Strategy::Tokio => Box::new(TokioRun::new(timing)?),
     };
+    // What the strategy costs before its first connection is a cost per process, not per
+    // connection: read it apart.
+    let rss_started = rss_bytes().context("reading the worker's RSS")?;
+    let shared_started = shared_rss();
     let (n, failed, roles) = connect_all(args, running.as_mut())?;
     running.settle(n)?;
     let ready = Ready {
@@ -103,7 +111,10 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
         failed,
         roles,
         rss_before,
+        rss_started,
         rss_after: rss_bytes().context("reading the worker's RSS")?,
+        shared_before,
+        shared_started,
         detail: running.detail(),
     };
     say(&format!("{READY} {}", serde_json::to_string(&ready)?));
@@ -117,6 +128,7 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
             match commands.try_recv() {
                 Ok(cmd) if cmd == CMD_MARK => {
                     marked = running.probes().unwrap_or(0);
+                    running.mark();
                     say(MARKED);
                 }
                 Ok(cmd) if cmd == CMD_REPORT => {
@@ -130,9 +142,22 @@ pub fn run(args: &WorkerArgs) -> Result<()> {
             }
         }
     }
-    // Leave at once: the kernel closes every socket (with a RST, see `connect`) faster than
-    // dropping 15,000 handles one by one, and no strategy has anything left to say.
+    // Let go of what others share (lull's attachment), then leave at once: the kernel closes
+    // every other socket (with a RST, see `connect`), and no strategy has anything left to say.
+    running.finish();
     std::process::exit(0);
+}
+
+/// This process's shared resident memory, `RssFile` + `RssShmem` from /proc/self/status, in
+/// bytes (0 if unreadable).
+fn shared_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .filter(|l| l.starts_with("RssFile:") || l.starts_with("RssShmem:"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum::<u64>()
+        * 1024
 }
 
 /// Stdin, a line at a time, until EOF (the orchestrator closing it, or dying).
@@ -169,22 +194,23 @@ fn connect_all(args: &WorkerArgs, running: &mut dyn Running) -> Result<(u64, u64
     let spread = Duration::from_millis(args.spread_ms);
     let start = Instant::now();
     let mut next = 0u64;
-    // Bounded: each turn opens every connection due, then waits at most 10 ms; connecting
-    // itself gives up after MAX_FAILURES failures of at most 3 s each.
+    // Bounded: each turn opens every connection due, then waits at most 10 ms, and every
+    // connection is due once `--spread-ms` has passed; connecting itself gives up after
+    // MAX_FAILURES failures of at most 3 s each. A turn opens none that is not due yet, or
+    // a slow pace (a long spread, few connections) would run ahead at one per turn.
     while next < args.conns && failed < MAX_FAILURES {
         let due = ((start.elapsed().as_secs_f64() / spread.as_secs_f64().max(1e-3))
             * args.conns as f64)
             .ceil()
             .min(args.conns as f64) as u64;
-        let until = due.max(next + 1);
-        while next < until && next < args.conns && failed < MAX_FAILURES {
+        while next < due && failed < MAX_FAILURES {
             let global = args.first + next;
             next += 1;
-            let role = role_of(global, args.vanishing);
+            let role = role_of(global, args.vanishing, args.mix);
             let target = args.targets[role.index()];
             match connect(target) {
                 Ok(stream) => {
-                    running.add(global, stream)?;
+                    running.add(global, role, stream)?;
                     opened += 1;
                     roles[role.index()] += 1;
                 }
