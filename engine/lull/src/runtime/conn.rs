@@ -278,8 +278,11 @@ pub(crate) fn decide(
         // a look, and there is nothing to look at (nor a close to report again).
         (_, Phase::Inert) => Verdict::Disarm,
         _ if a.closed() => {
+            // A connection already reported dead is not reported again when the kernel then
+            // gives up on it too: that is its close.
+            let reported = c.phase() == Phase::Dead;
             c.set_phase(Phase::Inert);
-            if p.kernel_watched() && a.flags & flags::TIMED_OUT != 0 {
+            if p.kernel_watched() && a.flags & flags::TIMED_OUT != 0 && !reported {
                 Verdict::Dead {
                     silent: now.saturating_sub(a.last_rx_ns),
                     probes: p.count,
@@ -351,12 +354,25 @@ pub(crate) fn decide(
                 return Verdict::Probe(interval);
             }
             let probes = c.outstanding();
+            // A tiered connection whose peer's kernel did not even acknowledge lull's probes
+            // has lost its transport, not its application: the kernel, which sends no
+            // keepalive while those probes are in flight, would say so later (at its user
+            // timeout), and the verdict is the transport tier's.
+            let first_probe = c
+                .mark()
+                .saturating_sub(u64::from(probes.saturating_sub(1)) * p.interval_ns);
+            let acknowledged = a.last_tx_ns + resolution >= first_probe;
+            let tier = if p.tiered && !acknowledged {
+                DeadTier::Transport
+            } else {
+                DeadTier::Application
+            };
             c.set_phase(Phase::Dead);
             c.set_outstanding(0);
             Verdict::Dead {
                 silent: now.saturating_sub(a.last_rx_ns),
                 probes,
-                tier: DeadTier::Application,
+                tier,
                 next: Some(interval),
             }
         }

@@ -448,6 +448,30 @@ fn tiered_policies_split_the_verdicts_by_tier() {
             },
         ),
         (
+            "the application tier's probes not even acknowledged: the transport is gone",
+            Phase::Probing,
+            act(100 * S, 100 * S),
+            158 * S,
+            Verdict::Dead {
+                silent: 58 * S,
+                probes: 3,
+                tier: DeadTier::Transport,
+                next: Some(Arm::exact(160 * S)),
+            },
+        ),
+        (
+            "acknowledged by the peer's kernel, answered by nobody: the application is hung",
+            Phase::Probing,
+            act(100 * S, 153 * S),
+            158 * S,
+            Verdict::Dead {
+                silent: 58 * S,
+                probes: 3,
+                tier: DeadTier::Application,
+                next: Some(Arm::exact(160 * S)),
+            },
+        ),
+        (
             "an orderly close is a close, not a death",
             Phase::Watching,
             Activity {
@@ -459,9 +483,25 @@ fn tiered_policies_split_the_verdicts_by_tier() {
         ),
     ];
     for (name, phase, seen, now, want) in cases {
-        let mut c = conn(phase, u32::from(phase == Phase::Probing), 0);
+        let probing = phase == Phase::Probing;
+        // Probing: three probes out, the last at 156 s, the first at 152 s.
+        let mut c = conn(
+            phase,
+            if probing { 3 } else { 0 },
+            if probing { 156 * S } else { 0 },
+        );
         assert_eq!(decide(&mut c, &p, &seen, now, now, 0), want, "{name}");
     }
+    // Reported dead by the application tier, then closed by the kernel: one death, a close.
+    let mut c = conn(Phase::Dead, 0, 156 * S);
+    let timed_out = Activity {
+        flags: flags::STATE_CLOSE | flags::TIMED_OUT,
+        ..act(100 * S, 0)
+    };
+    assert_eq!(
+        decide(&mut c, &p, &timed_out, 170 * S, 170 * S, 0),
+        Verdict::Closed(CloseReason::Closed)
+    );
     // Not tiered, the same timeout is a plain close, as it always was.
     let mut c = conn(Phase::Watching, 0, 0);
     let seen = Activity {
