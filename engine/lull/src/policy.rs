@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::probe::Payload;
+use crate::probe::{MAX_PAYLOAD, Payload};
 
 /// The most probes in one round. Kernel keepalive allows 127; a round of more than a few
 /// dozen probes is a misconfiguration, and the bound keeps per-connection state small.
@@ -122,6 +122,43 @@ pub enum PolicyError {
         /// The field.
         field: &'static str,
     },
+    /// A TCP connection's byte probe must fit one small write (see [`MAX_PAYLOAD`]); the
+    /// larger limit is for datagram flows only.
+    #[error("a TCP connection's probe is {len} bytes; the limit is {MAX_PAYLOAD}")]
+    StreamPayloadTooLarge {
+        /// The payload's length.
+        len: usize,
+    },
+    /// Something a datagram (UDP) flow cannot do; the text says what and why.
+    #[error("{0}")]
+    Datagram(#[from] DatagramPolicyError),
+}
+
+/// Why a policy cannot watch a UDP flow. Each names the field at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DatagramPolicyError {
+    /// UDP has no kernel keepalive.
+    #[error("probe = kernel: UDP has no kernel keepalive; use a byte probe or a callback")]
+    KernelProbe,
+    /// Tiered probing leans on the kernel's TCP keepalive.
+    #[error("hung_after: tiered probing needs TCP's kernel keepalive; UDP flows have none")]
+    Tiered,
+    /// Draining reads a stream; a datagram flow's owner reads its own datagrams.
+    #[error("drain: a UDP flow's datagrams are read by its owner, not drained by lull")]
+    Drain,
+    /// Detect-dead needs a probe the peer answers, or silence proves nothing: an idle peer and
+    /// a dead one look the same.
+    #[error(
+        "detect-dead on a UDP flow needs a probe the peer answers: set expect_reply to the \
+         start of its answer (or use a callback probe)"
+    )]
+    NoReplyExpected,
+    /// A reset is a TCP thing; on a UDP socket it would disconnect the socket instead.
+    #[error("on_dead = reset: UDP has no reset; use report (or shutdown on a connected socket)")]
+    Reset,
+    /// A socket shared by several peers cannot be shut down for one of them.
+    #[error("on_dead = shutdown: the socket is shared by every peer watched on it; use report")]
+    SharedShutdown,
 }
 
 /// How one connection is kept alive. Cheap to clone; engines store each distinct policy once.
@@ -169,6 +206,13 @@ pub struct Policy {
     /// at least the dead bound, `idle + count * interval`, and needs a probe the application
     /// answers (not [`Probe::Kernel`]).
     pub hung_after: Option<Duration>,
+    /// For datagram (UDP) flows: the start of the peer's answer to the probe, up to
+    /// [`MAX_DATAGRAM_PAYLOAD`](crate::probe::MAX_DATAGRAM_PAYLOAD) bytes. A UDP flow in
+    /// detect-dead mode with a byte probe needs it: UDP has no acknowledgements, so only a
+    /// probe the peer answers tells a dead peer from an idle one. Any datagram from the peer
+    /// is a sign of life, as any payload is on TCP; an owner that reads the answers (as
+    /// `lull run --connect udp://` does) checks them against this prefix. TCP ignores it.
+    pub expect_reply: Option<Payload>,
 }
 
 impl Default for Policy {
@@ -185,6 +229,7 @@ impl Default for Policy {
             min_probe_spacing: Duration::ZERO,
             drain: false,
             hung_after: None,
+            expect_reply: None,
         }
     }
 }
@@ -250,6 +295,55 @@ impl Policy {
     pub fn with_drain(mut self, drain: bool) -> Self {
         self.drain = drain;
         self
+    }
+
+    /// Sets the start of the answer a datagram flow's peer sends to the probe (see
+    /// [`Policy::expect_reply`]).
+    pub fn with_expect_reply(mut self, reply: Payload) -> Self {
+        self.expect_reply = Some(reply);
+        self
+    }
+
+    /// Checks the policy for a TCP connection: [`Policy::validate`], and a byte probe small
+    /// enough for one write.
+    pub fn validate_stream(&self) -> Result<(), PolicyError> {
+        self.validate()?;
+        match &self.probe {
+            Probe::Bytes(payload) if payload.as_bytes().len() > MAX_PAYLOAD => {
+                Err(PolicyError::StreamPayloadTooLarge {
+                    len: payload.as_bytes().len(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks the policy for a UDP flow: [`Policy::validate`], and what a datagram flow needs
+    /// (see [`DatagramPolicyError`]). `shared` says whether the socket carries other peers'
+    /// flows too (an unconnected socket watched per peer).
+    pub fn validate_datagram(&self, shared: bool) -> Result<(), PolicyError> {
+        self.validate()?;
+        let refuse = |e: DatagramPolicyError| Err(PolicyError::Datagram(e));
+        if self.probe == Probe::Kernel {
+            return refuse(DatagramPolicyError::KernelProbe);
+        }
+        if self.hung_after.is_some() {
+            return refuse(DatagramPolicyError::Tiered);
+        }
+        if self.drain {
+            return refuse(DatagramPolicyError::Drain);
+        }
+        if self.mode == Mode::DetectDead
+            && matches!(self.probe, Probe::Bytes(_))
+            && self.expect_reply.is_none()
+        {
+            return refuse(DatagramPolicyError::NoReplyExpected);
+        }
+        match self.on_dead {
+            OnDead::Reset => refuse(DatagramPolicyError::Reset),
+            OnDead::Shutdown if shared => refuse(DatagramPolicyError::SharedShutdown),
+            _ => Ok(()),
+        }
     }
 
     /// Checks the policy. The engine refuses invalid policies with this error.

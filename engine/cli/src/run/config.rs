@@ -10,7 +10,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use lull::{ActivityMode, Mode, OnDead, Payload, PayloadError, Policy, PolicyError, Probe};
+use lull::{
+    ActivityMode, DatagramPolicyError, Mode, OnDead, Payload, PayloadError, Policy, PolicyError,
+    Probe,
+};
 
 use super::args::{ActivityArg, ModeArg, OnDeadArg, RunArgs, SourceArg};
 use crate::usage::usage;
@@ -155,6 +158,7 @@ impl RunConfig {
             hung_after: args.hung_after,
             // lull is the only reader of these sockets: replies must not pile up.
             drain: true,
+            expect_reply: None,
         };
         policy.validate().map_err(|e| policy_error(&e))?;
 
@@ -247,6 +251,15 @@ fn policy_error(e: &PolicyError) -> anyhow::Error {
             "interval" => "--interval",
             "hung_after" => "--hung-after",
             _ => "--min-probe-spacing",
+        },
+        PolicyError::StreamPayloadTooLarge { .. } => "--probe",
+        PolicyError::Datagram(e) => match e {
+            DatagramPolicyError::KernelProbe => "--probe",
+            DatagramPolicyError::Tiered => "--hung-after",
+            DatagramPolicyError::NoReplyExpected => "--expect-reply",
+            DatagramPolicyError::Reset | DatagramPolicyError::SharedShutdown => "--on-dead",
+            // lull sets drain itself: never a flag's fault.
+            DatagramPolicyError::Drain => "--connect",
         },
     };
     usage(field, e.to_string())
