@@ -5,6 +5,7 @@
 
 pub mod cgroups;
 pub mod cli;
+pub mod nat;
 pub mod netns;
 pub mod servers;
 
