@@ -102,6 +102,9 @@ pub fn run(session: &Session<'_>, target: &Connect) -> Result<Report> {
     }
     let (replies, other_datagrams) = flows.counted();
     let connections = flows.flows().len() as u64;
+    // Stop watching before the engine's totals are read: after this nothing more is sent, so
+    // the report counts every datagram the peer got.
+    drop(flows);
     let facts = JobFacts {
         job: "connect",
         policy,
@@ -126,7 +129,5 @@ pub fn run(session: &Session<'_>, target: &Connect) -> Result<Report> {
             primary: true,
         }),
     };
-    let report = report::build(session.engine, &tracker, facts);
-    drop(flows);
-    Ok(report)
+    Ok(report::build(session.engine, &tracker, facts))
 }

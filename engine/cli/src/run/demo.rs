@@ -346,8 +346,10 @@ pub fn run(session: &Session<'_>, population: Population) -> Result<Report> {
         interrupted: session.interrupted(),
         udp: udp_facts,
     };
-    let report = report::build(session.engine, &tracker, facts);
+    // The UDP flows are read from their own stats above; once they are no longer watched,
+    // nothing more is sent to them, and the engine's UDP totals are final.
     drop(udp);
+    let report = report::build(session.engine, &tracker, facts);
     drop(handles);
     drop(peers);
     Ok(report)
