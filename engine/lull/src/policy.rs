@@ -548,6 +548,73 @@ mod tests {
     }
 
     #[test]
+    fn datagram_flows_refuse_what_udp_cannot_do() {
+        let ping = || Probe::Bytes(Payload::datagram(b"ping").unwrap());
+        let pong = || Payload::datagram(b"pong").unwrap();
+        let dead = Policy::detect_dead(s(30), s(5), 3).with_probe(ping());
+        let refused = |e| Err(PolicyError::Datagram(e));
+        let cases = [
+            (
+                dead.clone(),
+                false,
+                refused(DatagramPolicyError::NoReplyExpected),
+            ),
+            (dead.clone().with_expect_reply(pong()), false, Ok(())),
+            (dead.clone().with_probe(Probe::Callback), false, Ok(())),
+            (Policy::keep_warm(s(25)).with_probe(ping()), true, Ok(())),
+            (
+                dead.clone()
+                    .with_expect_reply(pong())
+                    .with_probe(Probe::Kernel),
+                false,
+                refused(DatagramPolicyError::KernelProbe),
+            ),
+            (
+                dead.clone()
+                    .with_expect_reply(pong())
+                    .with_hung_after(s(60)),
+                false,
+                refused(DatagramPolicyError::Tiered),
+            ),
+            (
+                dead.clone().with_expect_reply(pong()).with_drain(true),
+                false,
+                refused(DatagramPolicyError::Drain),
+            ),
+            (
+                dead.clone()
+                    .with_expect_reply(pong())
+                    .with_on_dead(OnDead::Reset),
+                false,
+                refused(DatagramPolicyError::Reset),
+            ),
+            (
+                dead.clone()
+                    .with_expect_reply(pong())
+                    .with_on_dead(OnDead::Shutdown),
+                false,
+                Ok(()),
+            ),
+            (
+                dead.clone()
+                    .with_expect_reply(pong())
+                    .with_on_dead(OnDead::Shutdown),
+                true,
+                refused(DatagramPolicyError::SharedShutdown),
+            ),
+        ];
+        for (policy, shared, want) in cases {
+            assert_eq!(policy.validate_datagram(shared), want, "{policy:?}");
+        }
+        // A datagram-sized payload is not a TCP probe.
+        let big = Probe::Bytes(Payload::datagram(&[7; 200]).unwrap());
+        assert_eq!(
+            Policy::default().with_probe(big).validate_stream(),
+            Err(PolicyError::StreamPayloadTooLarge { len: 200 })
+        );
+    }
+
+    #[test]
     fn bounds_follow_the_jitter_window_and_the_tiers() {
         let p = Policy::detect_dead(s(30), s(5), 3);
         let cases = [

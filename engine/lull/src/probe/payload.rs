@@ -278,6 +278,36 @@ mod tests {
             Err(PayloadError::Unknown(_))
         ));
     }
+
+    #[test]
+    fn datagram_payloads_go_up_to_1200_bytes() {
+        let at = |n: usize| format!("hex:{}", "ab".repeat(n));
+        assert_eq!(
+            Payload::parse_datagram(&at(MAX_DATAGRAM_PAYLOAD))
+                .unwrap()
+                .as_bytes()
+                .len(),
+            MAX_DATAGRAM_PAYLOAD
+        );
+        assert_eq!(
+            Payload::parse_datagram(&at(MAX_DATAGRAM_PAYLOAD + 1)),
+            Err(PayloadError::DatagramTooLarge {
+                len: MAX_DATAGRAM_PAYLOAD + 1
+            })
+        );
+        assert_eq!(
+            Payload::parse(&at(MAX_PAYLOAD + 1)),
+            Err(PayloadError::TooLarge {
+                len: MAX_PAYLOAD + 1
+            }),
+            "TCP's limit is unchanged"
+        );
+        assert_eq!(Payload::parse_datagram("hex:"), Err(PayloadError::Empty));
+        assert_eq!(
+            Payload::parse_datagram("redis").unwrap(),
+            Payload::redis_ping()
+        );
+    }
 }
 
 #[cfg(test)]

@@ -524,4 +524,6 @@ pub(crate) fn decide_tiered(
 const KERNEL_VERDICT_SLACK_NS: u64 = 250_000_000;
 
 #[cfg(test)]
+mod datagram_tests;
+#[cfg(test)]
 mod tests;
