@@ -15,7 +15,14 @@ use crate::{
 };
 
 /// The benchmarks, in the order they run (and their binaries in `benches/`).
-pub const BENCHES: &[&str] = &["wheel", "engine-sim", "probe-path", "ebpf-overhead", "real"];
+pub const BENCHES: &[&str] = &[
+    "wheel",
+    "engine-sim",
+    "probe-path",
+    "ebpf-overhead",
+    "real",
+    "udp",
+];
 
 /// Run the benchmarks (all, or the ones named) and write their reports.
 ///
@@ -24,7 +31,7 @@ pub const BENCHES: &[&str] = &["wheel", "engine-sim", "probe-path", "ebpf-overhe
 /// The full suite takes under 20 minutes here; --quick under 3.
 #[derive(Debug, Args)]
 pub struct Options {
-    /// Benchmarks to run: wheel, engine-sim, probe-path, ebpf-overhead, real (default: all).
+    /// Benchmarks to run: wheel, engine-sim, probe-path, ebpf-overhead, real, udp (default: all).
     pub names: Vec<String>,
     /// Shorter runs: every benchmark at a smaller scale.
     #[arg(long)]
