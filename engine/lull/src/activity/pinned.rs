@@ -42,16 +42,16 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Map, MapData, SkStorage},
-    programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SockOps,
-        links::{FdLink, PinnedLink},
-    },
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SockOps, links::FdLink},
 };
 use aya_log::EbpfLogger;
 use lull_common::{
     ACTIVITY_MAP, ActivityEntry, EGRESS_PROG, INGRESS_PROG, NOTICES_MAP, PROBES_OUT_OFFSET_GLOBAL,
     SK_ERR_OFFSET_GLOBAL, SLOTS_MAP, SOCK_OPS_PROG, SlotRef,
 };
+
+mod egress;
+mod links;
 
 use super::{
     ActivityError,
@@ -251,86 +251,6 @@ impl PinnedObject {
         PROGRAMS
             .iter()
             .all(|&(suffix, program)| self.link_healthy(cgroup, suffix, program))
-    }
-
-    /// Whether `cgroup`'s link of `program` (pinned with `suffix`) is pinned and attached.
-    fn link_healthy(&self, cgroup: u64, suffix: &str, program: &'static str) -> bool {
-        self.open_link(cgroup, suffix, program)
-            .is_ok_and(|watched| watched.attached().unwrap_or(false))
-    }
-
-    /// Opens `cgroup`'s pinned link of `program` (pinned with `suffix`) to watch it.
-    fn open_link(
-        &self,
-        cgroup: u64,
-        suffix: &str,
-        program: &'static str,
-    ) -> Result<WatchedLink, ActivityError> {
-        let path = self.link_path(cgroup, suffix);
-        let link = PinnedLink::from_pin(&path).map_err(|e| ActivityError::Pin {
-            action: "opening",
-            path: path.clone(),
-            source: e.into(),
-        })?;
-        let info = FdLink::from(link).info().map_err(|e| ActivityError::Pin {
-            action: "reading",
-            path: path.clone(),
-            source: e.into(),
-        })?;
-        WatchedLink::open(program, info.id())
-    }
-
-    /// Makes sure the egress program (UDP's tx stamps) runs for the sockets of the cgroup the
-    /// last [`attach`](PinnedObject::attach) covered: reuses its pinned link, or attaches and
-    /// pins one, and notes in this user's record that it relies on it. Returns the link to
-    /// watch.
-    pub(crate) fn attach_egress(&mut self) -> Result<WatchedLink, ActivityError> {
-        let _setup = self.users.setup_lock()?;
-        let (id, path) = self
-            .covering
-            .clone()
-            .ok_or(ActivityError::MissingProgram { name: EGRESS_PROG })?;
-        if !self.link_healthy(id, EGRESS, EGRESS_PROG) {
-            let _ = std::fs::remove_file(self.link_path(id, EGRESS));
-            let dir = File::open(&path).map_err(|source| ActivityError::File {
-                action: "opening cgroup",
-                path: path.clone(),
-                source,
-            })?;
-            let attach_error = |e| {
-                ActivityError::classify(format!("attaching `{EGRESS_PROG}`"), e, |source| {
-                    ActivityError::Program {
-                        name: EGRESS_PROG,
-                        action: "attaching",
-                        source,
-                    }
-                })
-            };
-            let link_id = self
-                .egress
-                .attach(&dir, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
-                .map_err(attach_error)?;
-            let link: FdLink = self
-                .egress
-                .take_link(link_id)
-                .map_err(attach_error)?
-                .try_into()
-                .map_err(
-                    |e: aya::programs::links::LinkError| ActivityError::Syscall {
-                        call: "taking a bpf_link",
-                        source: std::io::Error::other(e),
-                    },
-                )?;
-            self.pin_link(link, id, EGRESS)?;
-            tracing::debug!(cgroup = %path.display(), "lull's egress program is attached (UDP)");
-        }
-        if !self.egress_cgroups.contains(&id) {
-            self.egress_cgroups.push(id);
-            if let Some(record) = &mut self.record {
-                record.add_egress(id)?;
-            }
-        }
-        self.open_link(id, EGRESS, EGRESS_PROG)
     }
 
     fn attach_links(&mut self, cgroup: &Path, id: u64) -> Result<(), ActivityError> {

@@ -355,13 +355,10 @@ impl Engine {
     /// Starts watching `stream` with `policy`. The returned handle owns the stream; drop it
     /// (or call [`Watched::into_inner`]) to stop.
     ///
-    /// `stream` is a connected TCP socket, or a connected UDP socket (a `UdpSocket` after
-    /// `connect`): a UDP flow with one peer. With the eBPF source its datagrams are seen by the
-    /// kernel whatever sends them ([`Observer::Ebpf`]); without it, only those that go through
-    /// the handle's own [`send`](Watched::send) and [`recv`](Watched::recv)
-    /// ([`Observer::Wrapper`]); [`Watched::observer`] says which. An unconnected UDP socket has
-    /// no peer of its own: put it in a [`PeerSocket`] and watch each peer with
-    /// [`Engine::watch_peer`].
+    /// `stream` is a connected TCP socket, or a connected UDP socket: a UDP flow, whose
+    /// datagrams the eBPF source sees whatever sends them, and otherwise only those through the
+    /// handle's [`send`](Watched::send) and [`recv`](Watched::recv) ([`Watched::observer`]
+    /// says which). For an unconnected UDP socket, see [`Engine::watch_peer`].
     ///
     /// Refuses anything else, and a socket already watched in this process, with a
     /// [`WatchError`] that says what it got instead.
