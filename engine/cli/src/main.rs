@@ -3,7 +3,7 @@
 //! With no arguments it runs `lull run`: a self-contained demonstration that holds 10,000
 //! loopback connections to a known mix of peers (busy, answering, hung, closing) and reports
 //! what the engine found. `lull run --connect HOST:PORT` keeps a real server's connections
-//! alive instead.
+//! alive instead, and `--connect udp://HOST:PORT` UDP flows to a peer.
 
 mod check;
 mod metrics;
@@ -18,7 +18,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use usage::UsageError;
 
-/// Keep idle TCP connections alive and find dead peers, with the kernel's help.
+/// Keep idle TCP connections (and UDP flows) alive and find dead peers, with the kernel's help.
 ///
 /// An eBPF program records when each watched socket last carried payload; one lazy timer per
 /// connection reads that record and probes only connections that really were idle. Without

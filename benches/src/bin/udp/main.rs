@@ -1,8 +1,8 @@
 //! `udp`: keep-warm datagrams per flow-hour, lull against an eager fixed-period sender (issue
 //! 14).
 //!
-//! Every UDP keepalive we know of (WireGuard's persistent keepalive aside, which resets its
-//! timer on sends) goes out on a fixed period, traffic or not. lull sends one only after a
+//! Every UDP keepalive we know of (WireGuard's persistent keepalive aside, whose timer traffic
+//! resets) goes out on a fixed period, traffic or not. lull sends one only after a
 //! whole interval with nothing sent. Here real loopback flows, 20% of them carrying traffic
 //! more often than the interval, are held side by side for the same time by:
 //!
