@@ -38,12 +38,18 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let budget = limit.saturating_sub(256);
     let fds = u64::from(config.conns) + u64::from(config.side_udp_flows());
     if fds > budget {
+        let udp = config.side_udp_flows();
         return Err(usage(
             "--conns",
             format!(
-                "{} connections and UDP flows need more file descriptors than this process may \
-                 hold (RLIMIT_NOFILE is {limit}); the most is {budget}",
-                fds
+                "{} connections{} need more file descriptors than this process may hold \
+                 (RLIMIT_NOFILE is {limit}); the most is {budget}",
+                config.conns,
+                if udp > 0 {
+                    format!(" and {udp} UDP flows (--udp 0 for none)")
+                } else {
+                    String::new()
+                }
             ),
         ));
     }
