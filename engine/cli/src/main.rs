@@ -18,11 +18,13 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use usage::UsageError;
 
-/// Keep idle TCP connections (and UDP flows) alive and find dead peers, with the kernel's help.
+/// Keep idle TCP connections alive and find dead peers, with the kernel's help.
 ///
 /// An eBPF program records when each watched socket last carried payload; one lazy timer per
 /// connection reads that record and probes only connections that really were idle. Without
-/// root (or without a built BPF object) lull falls back to TCP_INFO and says so.
+/// root (or without a built BPF object) lull falls back to TCP_INFO and says so. UDP flows are
+/// kept warm (a datagram only after an interval with nothing sent) and watched for dead peers
+/// too: `lull run --connect udp://HOST:PORT`.
 #[derive(Debug, Parser)]
 #[command(name = "lull", version, propagate_version = true)]
 struct Cli {

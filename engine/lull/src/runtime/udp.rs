@@ -88,6 +88,21 @@ impl Watched<UdpSocket> {
     }
 }
 
+/// For a UDP flow whose application sends and receives through a socket type of its own (an
+/// async runtime's, say), rather than the `Watched<UdpSocket>` calls: tell the engine, so that
+/// [`Observer::Wrapper`] sees the traffic. Nothing happens for a TCP connection.
+impl<T: AsFd> Watched<T> {
+    /// A datagram went out on this flow: it postpones keep-warm datagrams.
+    pub fn note_datagram_sent(&self) {
+        self.registration().stamp(true);
+    }
+
+    /// A datagram came in on this flow: it answers liveness probes.
+    pub fn note_datagram_received(&self) {
+        self.registration().stamp(false);
+    }
+}
+
 /// A watched flow's row, as its socket's calls stamp it.
 struct FlowStamp {
     shared: Arc<Shared>,
@@ -298,8 +313,14 @@ impl WatchedPeer {
 
     /// Tells the engine a datagram from the peer arrived, for an application that reads the
     /// socket itself (not through [`PeerSocket::recv_from`]) and dispatches by address.
-    pub fn received(&self) {
+    pub fn note_datagram_received(&self) {
         self.registration.stamp(false);
+    }
+
+    /// Tells the engine a datagram went to the peer, for an application that sends through
+    /// the socket itself (not [`WatchedPeer::send`] or [`PeerSocket::send_to`]).
+    pub fn note_datagram_sent(&self) {
+        self.registration.stamp(true);
     }
 }
 
