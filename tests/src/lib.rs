@@ -7,6 +7,7 @@ pub mod bpf;
 pub mod cgroups;
 pub mod cli;
 pub mod host;
+pub mod nat;
 pub mod netns;
 pub mod pins;
 pub mod servers;

@@ -60,15 +60,13 @@ fn bad_streams_are_refused_with_typed_errors(source: Source) {
         Err(WatchError::NotSocket(_))
     ));
 
+    // UDP is watched per flow: an unconnected socket has no peer of its own.
     let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
     let err = engine.watch(udp, &p).unwrap_err();
+    assert!(matches!(err, WatchError::UnconnectedUdp(_)), "{err:?}");
     assert!(
-        matches!(err, WatchError::NotTcp { kind: "UDP", .. }),
-        "{err:?}"
-    );
-    assert!(
-        err.to_string().contains("UDP"),
-        "the message says what it got: {err}"
+        err.to_string().contains("unconnected UDP") && err.to_string().contains("watch_peer"),
+        "the message says what it got and points at the per-peer API: {err}"
     );
 
     let (unix, _) = UnixStream::pair().unwrap();

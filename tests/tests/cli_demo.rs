@@ -89,9 +89,9 @@ fn sigint_stops_cleanly_and_leaves_no_bpf_behind() {
     assert!(
         wait_until(Duration::from_secs(10), || {
             attached = lull_programs_of(child.id());
-            attached.len() == 2
+            attached.len() == 3
         }),
-        "lull holds its two programs (ingress, sock_ops): {attached:?}"
+        "lull holds its three programs (ingress, sock_ops, and egress for UDP): {attached:?}"
     );
     // Into the run proper, past the connection setup.
     std::thread::sleep(Duration::from_secs(3));

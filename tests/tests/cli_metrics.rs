@@ -23,7 +23,7 @@ use serde_json::Value;
 
 /// Every family `lull run --metrics` serves, with its OpenMetrics type. A family added to the
 /// binary and not here, or gone from it, fails the test.
-const FAMILIES: [(&str, &str); 9] = [
+const FAMILIES: [(&str, &str); 11] = [
     ("lull_connections", "gauge"),
     ("lull_probes_sent", "counter"),
     ("lull_probes_answered", "counter"),
@@ -33,6 +33,8 @@ const FAMILIES: [(&str, &str); 9] = [
     ("lull_wakeups_found_traffic", "counter"),
     ("lull_detection_latency_seconds", "histogram"),
     ("lull_activity_source", "gauge"),
+    ("lull_udp_flows", "gauge"),
+    ("lull_udp_probes_sent", "counter"),
 ];
 
 const CONNS: u64 = 300;
@@ -190,6 +192,9 @@ fn metrics_page_has_every_family_with_the_figures_of_the_run(source: Source) {
         "30",
         "--closing",
         "20",
+        // TCP alone, so the page's totals are the report's; UDP's are checked in cli_udp.
+        "--udp",
+        "0",
         "--source",
         flag,
         "--quiet",

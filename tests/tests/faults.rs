@@ -373,9 +373,9 @@ fn sigkill_leaves_pins_that_the_next_start_reuses_and_reclaims() {
                 .first()
                 .map(|r| leases_of(&build_run_dir(r), pid))
                 .unwrap_or_default();
-            programs.len() == 2 && records.len() == 1 && !leases.is_empty()
+            programs.len() == 3 && records.len() == 1 && !leases.is_empty()
         }),
-        "lull {pid} holds its two programs ({programs:?}), one user record ({records:?}) and an \
+        "lull {pid} holds its three programs ({programs:?}), one user record ({records:?}) and an \
          extent of the table ({leases:?})"
     );
     let record = records[0].clone();
@@ -421,7 +421,7 @@ fn sigkill_leaves_pins_that_the_next_start_reuses_and_reclaims() {
         wait_until(Duration::from_secs(10), || {
             held = lull_programs_of(next.id());
             reused = leases_of(&run, next.id());
-            held.len() == 2 && !reused.is_empty()
+            held.len() == 3 && !reused.is_empty()
         }),
         "the next lull holds {held:?} and leases {reused:?}"
     );

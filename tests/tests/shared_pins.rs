@@ -137,12 +137,20 @@ fn processes_share_one_attachment_and_outlive_a_sigkilled_one() {
     let (run, pins) = build_of(a.pid());
     assert_eq!(build_of(b.pid()), (run.clone(), pins.clone()), "one build");
     let programs = lull_programs_of(a.pid());
-    assert_eq!(programs.len(), 2, "ingress and sock_ops: {programs:?}");
+    assert_eq!(
+        programs.len(),
+        3,
+        "ingress, sock_ops, and egress (loaded for UDP): {programs:?}"
+    );
     assert_eq!(lull_programs_of(b.pid()), programs, "the same programs");
     assert_eq!(b.links, a.links, "the same two links");
     let id = cgroup_id(cgroup.path()).expect("the cgroup's id");
     let links = vec![format!("{id}-ingress"), format!("{id}-sock_ops")];
-    assert_eq!(pinned_links(&pins), links, "one link per program, pinned");
+    assert_eq!(
+        pinned_links(&pins),
+        links,
+        "ingress and sock_ops linked and pinned; no egress link without a UDP flow"
+    );
     // Rows never collide: each process leases its own extents of the one table.
     let (a_leases, b_leases) = (leases_of(&run, a.pid()), leases_of(&run, b.pid()));
     assert!(!a_leases.is_empty() && !b_leases.is_empty());

@@ -22,6 +22,7 @@ pub const BENCHES: &[&str] = &[
     "ebpf-overhead",
     "real",
     "host-scale",
+    "udp",
 ];
 
 /// Run the benchmarks (all, or the ones named) and write their reports.
@@ -37,8 +38,8 @@ pub const BENCHES: &[&str] = &[
 /// `cargo xtask bench real --quick -- --mixes standard --strategies lull-ebpf,tokio`.
 #[derive(Debug, Args)]
 pub struct Options {
-    /// Benchmarks to run: wheel, engine-sim, probe-path, ebpf-overhead, real, host-scale
-    /// (default: all).
+    /// Benchmarks to run: wheel, engine-sim, probe-path, ebpf-overhead, real, host-scale,
+    /// udp (default: all).
     pub names: Vec<String>,
     /// Shorter runs: every benchmark at a smaller scale.
     #[arg(long)]

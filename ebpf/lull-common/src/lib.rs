@@ -18,6 +18,10 @@ pub const NOTICES_MAP: &str = "LULL_NOTICES";
 pub const INGRESS_PROG: &str = "lull_ingress";
 /// Name of the `sock_ops` program: turns state changes into close flags.
 pub const SOCK_OPS_PROG: &str = "lull_sock_ops";
+/// Name of the `cgroup_skb/egress` program: stamps datagrams sent by registered UDP sockets.
+/// Attached to a cgroup only once a UDP flow there is watched with the eBPF source, so that
+/// cgroups with TCP connections alone run nothing on egress.
+pub const EGRESS_PROG: &str = "lull_egress";
 /// The cost ladder: `cgroup_skb/ingress` programs that each add one step of lull's per-packet
 /// work (see the BPF crate's `ladder` module), cheapest first. lull never attaches them; the
 /// `ebpf-overhead` benchmark does, to say what each step costs. The first does nothing: the
@@ -81,21 +85,34 @@ pub struct SlotRef {
     /// The last acknowledgement number the peer sent (0: none seen since registration, and the
     /// program compares the first with the socket's own `snd_una`). An ACK that moves it is
     /// the peer's kernel taking new data of ours: that is what counts as tx activity.
+    /// Unused for datagram sockets.
     pub acked: u32,
-    /// Zero.
-    pub reserved: u32,
+    /// What the socket is: [`SlotRef::STREAM`] (TCP) or [`SlotRef::DATAGRAM`] (connected UDP).
+    /// Userspace sets it at registration; it decides how the programs read a packet.
+    pub kind: u32,
 }
 
 impl SlotRef {
-    /// A fresh registration of `slot` at `generation`, with no stamps yet.
+    /// [`SlotRef::kind`] of a TCP socket: payload, ACKs, FIN and RST are read from the header.
+    pub const STREAM: u32 = 0;
+    /// [`SlotRef::kind`] of a connected UDP socket: every datagram is payload, received ones
+    /// stamp rx on ingress and sent ones stamp tx on egress. No header is read.
+    pub const DATAGRAM: u32 = 1;
+
+    /// A fresh registration of TCP socket in `slot` at `generation`, with no stamps yet.
     pub const fn new(slot: u32, generation: u32) -> Self {
+        Self::of_kind(slot, generation, Self::STREAM)
+    }
+
+    /// A fresh registration of a socket of `kind` in `slot` at `generation`.
+    pub const fn of_kind(slot: u32, generation: u32, kind: u32) -> Self {
         Self {
             slot,
             generation,
             rx_jiffies: 0,
             tx_jiffies: 0,
             acked: 0,
-            reserved: 0,
+            kind,
         }
     }
 }
@@ -106,7 +123,8 @@ impl SlotRef {
 /// a jiffy that moves them: a stamp may be up to one jiffy older than the last such packet.
 /// Only received payload moves `last_rx_ns`: a pure ACK is not a sign of life from the peer's
 /// *application*. `last_tx_ns` moves when the peer acknowledges new data of ours, so a
-/// retransmission that nobody acknowledges is not activity.
+/// retransmission that nobody acknowledges is not activity. For a UDP socket every datagram is
+/// payload: one received moves `last_rx_ns`, one sent moves `last_tx_ns`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ActivityEntry {

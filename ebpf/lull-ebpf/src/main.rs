@@ -13,13 +13,20 @@
 //! tracking. A socket that is not registered costs exactly one storage lookup per packet; a
 //! registered one a lookup and a jiffies compare, and a header read and a row write once per
 //! jiffy. The `sock_ops` program sees what packets cannot show: our own FIN and RST, and a
-//! socket the kernel closed on a timeout. Nothing runs on egress.
+//! socket the kernel closed on a timeout.
+//!
+//! UDP sockets (connected ones, registered like TCP) need one more program: a datagram is
+//! never acknowledged, so what it sends is only seen leaving. The `cgroup_skb` egress program
+//! (`datagram`) stamps tx for registered UDP sockets and is attached to a cgroup only once a
+//! UDP flow there is watched; cgroups with TCP connections alone run nothing on egress.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 // Atomic OR/AND on the flags word; see `programs::set_flag`.
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
+#[cfg(target_arch = "bpf")]
+mod datagram;
 #[cfg(target_arch = "bpf")]
 mod host;
 #[cfg(target_arch = "bpf")]

@@ -21,6 +21,8 @@ use lull_common::{
     ActivityEntry, DEFAULT_TABLE_ENTRIES, NOTICE_WORDS_PER_EXTENT, SlotRef, flags, notice_words,
 };
 
+use crate::datagram::Direction;
+
 /// Returned by `cgroup_skb` programs to let the packet through. lull only observes.
 pub(crate) const PASS: i32 = 1;
 /// Returned by `sock_ops` programs: the callback's own result does not matter to lull.
@@ -92,9 +94,11 @@ pub fn lull_sock_ops(ctx: SockOpsContext) -> u32 {
 /// watched one it is that lookup and a jiffies compare, unless a stamp is stale: then the
 /// header is read in place (no helper call) and the row written once for this jiffy.
 ///
-/// Everything the engine needs comes in on this side of the socket: payload from the peer,
+/// Everything the engine needs of a TCP socket comes in on this side: payload from the peer,
 /// the peer's acknowledgements of our payload (tx progress, which retransmissions never make),
-/// and the peer's FIN and RST. Our own FIN and RST, and timeouts, come from `sock_ops`.
+/// and the peer's FIN and RST. Our own FIN and RST, and timeouts, come from `sock_ops`. A
+/// registered UDP socket's datagrams are all payload: rx is stamped here without a header
+/// read, tx by the egress program (see `datagram`).
 fn try_lull_ingress(ctx: &SkBuffContext) -> Result<(), ()> {
     let skb = ctx.skb.skb;
     // SAFETY: reading a context field; the verifier rewrites it to a checked load.
@@ -110,6 +114,15 @@ fn try_lull_ingress(ctx: &SkBuffContext) -> Result<(), ()> {
     // SAFETY: `st` is this socket's storage, valid for the whole program run.
     let (rx_j, tx_j) = unsafe { ((*st).rx_jiffies, (*st).tx_jiffies) };
     if rx_j == now_j && tx_j == now_j {
+        return Ok(());
+    }
+    // Only on the stale path, once per jiffy: a TCP socket's packets in between never load it.
+    // SAFETY: as above.
+    if unsafe { (*st).kind } == SlotRef::DATAGRAM {
+        // Every datagram is payload: no header to read.
+        if rx_j != now_j {
+            crate::datagram::stamp(st, now_j, Direction::Rx);
+        }
         return Ok(());
     }
     let seg = Segment::parse(skb).ok_or(())?;
@@ -347,8 +360,8 @@ fn global(value: &'static u32) -> u32 {
 }
 
 /// What the ingress program needs from a TCP segment, read in place. `cgroup_skb` sees the
-/// packet from its network header, and only registered sockets get here, which are TCP by
-/// construction.
+/// packet from its network header, and only registered TCP sockets get here (datagram sockets
+/// return before the parse).
 pub(crate) struct Segment {
     pub(crate) ack: u32,
     pub(crate) flags: u8,

@@ -54,6 +54,22 @@ pub fn run(_args: &CheckArgs) -> Result<ExitCode> {
         ),
         Err(err) => println!("eBPF source      unavailable: {err}"),
     }
+    // UDP's egress program is attached only where UDP flows are watched: try it the same way.
+    match &ebpf {
+        Ok(table) if table.observe_datagrams() => println!(
+            "UDP flows        ebpf for connected sockets (egress program attached to {} and \
+             detached again); the peers of unconnected sockets are seen by their handles",
+            table.cgroup().display()
+        ),
+        Ok(_) => println!(
+            "UDP flows        seen by their handles' send and receive calls (the egress program \
+             could not be attached)"
+        ),
+        Err(_) => println!(
+            "UDP flows        seen by their handles' send and receive calls (no eBPF; TCP_INFO \
+             has nothing for UDP)"
+        ),
+    }
     println!(
         "lull run uses    {}",
         if ebpf.is_ok() {
@@ -83,12 +99,23 @@ fn print_pins() {
                 || "no live user names it".into(),
                 |p| p.display().to_string(),
             );
-            println!("  attached to    cgroup {id} ({path})");
+            let egress = if build.egress.contains(id) {
+                ", with UDP's egress program"
+            } else {
+                ""
+            };
+            println!("  attached to    cgroup {id} ({path}){egress}");
         }
         for user in &build.users {
             let cgroups: Vec<String> = user.cgroups.iter().map(|c| c.0.to_string()).collect();
+            let udp = if user.egress.is_empty() {
+                String::new()
+            } else {
+                let ids: Vec<String> = user.egress.iter().map(ToString::to_string).collect();
+                format!("; UDP flows in {}", ids.join(", "))
+            };
             println!(
-                "  used by        pid {} (cgroups {})",
+                "  used by        pid {} (cgroups {}{udp})",
                 user.pid,
                 cgroups.join(", ")
             );

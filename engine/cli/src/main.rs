@@ -3,7 +3,7 @@
 //! With no arguments it runs `lull run`: a self-contained demonstration that holds 10,000
 //! loopback connections to a known mix of peers (busy, answering, hung, closing) and reports
 //! what the engine found. `lull run --connect HOST:PORT` keeps a real server's connections
-//! alive instead.
+//! alive instead, and `--connect udp://HOST:PORT` UDP flows to a peer.
 
 mod check;
 mod host;
@@ -24,7 +24,9 @@ use usage::UsageError;
 ///
 /// An eBPF program records when each watched socket last carried payload; one lazy timer per
 /// connection reads that record and probes only connections that really were idle. Without
-/// root (or without a built BPF object) lull falls back to TCP_INFO and says so.
+/// root (or without a built BPF object) lull falls back to TCP_INFO and says so. UDP flows are
+/// kept warm (a datagram only after an interval with nothing sent) and watched for dead peers
+/// too: `lull run --connect udp://HOST:PORT`.
 #[derive(Debug, Parser)]
 #[command(name = "lull", version, propagate_version = true)]
 struct Cli {

@@ -37,6 +37,11 @@ struct SourceLabel {
     source: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ObserverLabel {
+    observer: &'static str,
+}
+
 /// Live metrics, updated by the run loop and read by the HTTP thread.
 pub struct Metrics {
     connections: Family<StateLabel, Gauge>,
@@ -48,6 +53,8 @@ pub struct Metrics {
     wakeups_rearmed: Counter,
     detection: Histogram,
     source: Family<SourceLabel, Gauge>,
+    udp_flows: Family<ObserverLabel, Gauge>,
+    udp_probes_sent: Counter,
     last: Mutex<EngineStats>,
 }
 
@@ -70,6 +77,8 @@ impl Metrics {
             wakeups_rearmed: Counter::default(),
             detection: Histogram::new(exponential_buckets(0.005, 2.0, 20)),
             source: Family::default(),
+            udp_flows: Family::default(),
+            udp_probes_sent: Counter::default(),
             last: Mutex::default(),
         };
         registry.register(
@@ -105,6 +114,17 @@ impl Metrics {
             "activity_source",
             "The activity source in use (1 for the one in use)",
             metrics.source.clone(),
+        );
+        registry.register(
+            "udp_flows",
+            "Watched UDP flows (also counted in connections), by what sees their datagrams \
+             (ebpf: the kernel programs; wrapper: the handles' own calls)",
+            metrics.udp_flows.clone(),
+        );
+        registry.register(
+            "udp_probes_sent",
+            "Keep-warm and liveness datagrams sent to UDP flows (also counted in probes_sent)",
+            metrics.udp_probes_sent.clone(),
         );
         let registry = Arc::new(registry);
         std::thread::Builder::new()
@@ -160,6 +180,22 @@ impl Metrics {
                 .inc_by(now - before);
         }
         self.closed.inc_by(stats.closed - last.closed);
+        // Both series exist from the first update, at 0 until a flow of their kind is watched.
+        for (observer, n) in [
+            (
+                "ebpf",
+                stats
+                    .datagram_flows
+                    .saturating_sub(stats.datagram_flows_wrapper),
+            ),
+            ("wrapper", stats.datagram_flows_wrapper),
+        ] {
+            self.udp_flows
+                .get_or_create(&ObserverLabel { observer })
+                .set(n as i64);
+        }
+        self.udp_probes_sent
+            .inc_by(stats.datagram_probes_sent - last.datagram_probes_sent);
         self.wakeups.inc_by(stats.wakeups - last.wakeups);
         self.wakeups_rearmed
             .inc_by(stats.wakeups_rearmed - last.wakeups_rearmed);

@@ -13,7 +13,11 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use clap::Args;
-use lull_harness::{Behaviour, HangTrigger, peer::PONG};
+use lull_harness::{
+    Behaviour, HangTrigger, UdpBehaviour, UdpPeer,
+    peer::PONG,
+    udp::{UDP_PROBE, UDP_REPLY},
+};
 
 use crate::schedule::{READY_PREFIX, Role, Script};
 
@@ -36,10 +40,20 @@ pub fn run(args: &PeerArgs) -> Result<ExitCode> {
             .context("binding a peer listener")?;
         listeners.push((role, listener));
     }
-    let ports: Vec<String> = listeners
+    // UDP flows: one socket per role, each peer a thread of its own; kept until exit.
+    let udp: Vec<UdpPeer> = Role::UDP
+        .iter()
+        .map(|&role| {
+            let socket = std::net::UdpSocket::bind(("127.0.0.1", 0))?;
+            UdpPeer::start_on(socket, udp_behaviour(role, &script))
+        })
+        .collect::<std::io::Result<_>>()
+        .context("binding a UDP peer")?;
+    let mut ports: Vec<String> = listeners
         .iter()
         .map(|(_, l)| l.local_addr().map(|a| a.port().to_string()))
         .collect::<std::io::Result<_>>()?;
+    ports.extend(udp.iter().map(|peer| peer.addr().port().to_string()));
     println!("{READY_PREFIX} {}", ports.join(" "));
     std::io::stdout().flush()?;
 
@@ -72,7 +86,36 @@ pub fn run(args: &PeerArgs) -> Result<ExitCode> {
             let _ = accept.await;
         }
     });
+    drop(udp);
     Ok(ExitCode::SUCCESS)
+}
+
+/// What the UDP peer of `role` does with each flow (by its client port), by the script.
+fn udp_behaviour(role: Role, script: &Script) -> UdpBehaviour {
+    let answering = UdpBehaviour {
+        probe: UDP_PROBE.to_vec(),
+        reply: UDP_REPLY.to_vec(),
+        busy_every: None,
+        hang: None,
+        // Thousands of flows for the whole run: no log.
+        log: false,
+    };
+    match role {
+        Role::Busy => UdpBehaviour {
+            busy_every: Some(Duration::from_millis(script.busy_every_ms)),
+            ..answering
+        },
+        Role::Hung => {
+            let script = script.clone();
+            UdpBehaviour {
+                hang: Some(std::sync::Arc::new(move |port| {
+                    Some(script.hang_after(port))
+                })),
+                ..answering
+            }
+        }
+        Role::Answering | Role::Closing => answering,
+    }
 }
 
 /// What the peer of the connection from client port `port` does, by its role and the script.

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// The line a peer process prints once it listens: `PORTS <answering> <busy> <hung> <closing>`.
+/// The line a peer process prints once it listens: `PORTS <answering> <busy> <hung> <closing>`
+/// (TCP), then the UDP ports of [`Role::UDP`].
 pub const READY_PREFIX: &str = "PORTS";
 
 /// What a demo peer does with a connection.
@@ -27,6 +28,8 @@ pub enum Role {
 impl Role {
     /// Every role, in report order.
     pub const ALL: [Role; 4] = [Role::Answering, Role::Busy, Role::Hung, Role::Closing];
+    /// The roles of UDP flows, which have nothing to close.
+    pub const UDP: [Role; 3] = [Role::Answering, Role::Busy, Role::Hung];
 
     /// Lowercase name for reports and metrics.
     pub fn name(self) -> &'static str {

@@ -5,7 +5,8 @@
 //!   an abortive close);
 //! - [`alloc`]: a global allocator that counts live heap bytes;
 //! - [`peer`]: how a loopback peer with a known behaviour treats one connection, and
-//!   [`PeerServer`], such a peer on its own thread.
+//!   [`PeerServer`], such a peer on its own thread;
+//! - [`udp`]: [`UdpPeer`], a UDP peer with a known behaviour that logs every datagram.
 //!
 //! The library (`lull`) does not depend on this crate: nothing here is for embedding.
 #![warn(missing_docs)]
@@ -14,5 +15,7 @@ pub mod alloc;
 pub mod peer;
 pub mod process;
 pub mod socket;
+pub mod udp;
 
 pub use peer::{Behaviour, ConnLog, HangTrigger, PeerServer};
+pub use udp::{UdpBehaviour, UdpPeer};

@@ -1,4 +1,5 @@
-//! lull: a kernel-assisted keepalive engine for millions of mostly idle TCP connections.
+//! lull: a kernel-assisted keepalive engine for millions of mostly idle TCP connections, and
+//! for UDP flows (NAT keep-warm and liveness of datagram peers).
 //!
 //! An eBPF program records, per watched socket, when payload last went in and out, in a table
 //! this process maps into memory. Each connection has one lazy timer in a hierarchical timing
@@ -21,9 +22,10 @@ mod runtime;
 mod socket;
 pub mod wheel;
 
-pub use policy::{ActivityMode, Mode, OnDead, Policy, PolicyError, Probe};
+pub use policy::{ActivityMode, DatagramPolicyError, Mode, OnDead, Policy, PolicyError, Probe};
 pub use probe::{Payload, PayloadError};
 pub use runtime::{
     CloseReason, ConnId, ConnStats, DeadTier, Engine, EngineBuilder, EngineError, EngineGroup,
-    EngineStats, Event, GroupBuilder, SourceChoice, VirtualConn, WatchError, Watched,
+    EngineStats, Event, GroupBuilder, Observer, PeerSocket, SourceChoice, VirtualConn, WatchError,
+    Watched, WatchedPeer,
 };

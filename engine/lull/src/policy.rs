@@ -2,7 +2,11 @@
 
 use std::time::Duration;
 
-use crate::probe::Payload;
+use crate::probe::{MAX_PAYLOAD, Payload};
+
+mod datagram;
+
+pub use datagram::DatagramPolicyError;
 
 /// The most probes in one round. Kernel keepalive allows 127; a round of more than a few
 /// dozen probes is a misconfiguration, and the bound keeps per-connection state small.
@@ -122,6 +126,16 @@ pub enum PolicyError {
         /// The field.
         field: &'static str,
     },
+    /// A TCP connection's byte probe must fit one small write (see [`MAX_PAYLOAD`]); the
+    /// larger limit is for datagram flows only.
+    #[error("a TCP connection's probe is {len} bytes; the limit is {MAX_PAYLOAD}")]
+    StreamPayloadTooLarge {
+        /// The payload's length.
+        len: usize,
+    },
+    /// Something a datagram (UDP) flow cannot do; the text says what and why.
+    #[error("{0}")]
+    Datagram(#[from] DatagramPolicyError),
 }
 
 /// How one connection is kept alive. Cheap to clone; engines store each distinct policy once.
@@ -169,6 +183,13 @@ pub struct Policy {
     /// at least the dead bound, `idle + count * interval`, and needs a probe the application
     /// answers (not [`Probe::Kernel`]).
     pub hung_after: Option<Duration>,
+    /// For datagram (UDP) flows: the start of the peer's answer to the probe, up to
+    /// [`MAX_DATAGRAM_PAYLOAD`](crate::probe::MAX_DATAGRAM_PAYLOAD) bytes. A UDP flow in
+    /// detect-dead mode with a byte probe needs it: UDP has no acknowledgements, so only a
+    /// probe the peer answers tells a dead peer from an idle one. Any datagram from the peer
+    /// is a sign of life, as any payload is on TCP; an owner that reads the answers (as
+    /// `lull run --connect udp://` does) checks them against this prefix. TCP ignores it.
+    pub expect_reply: Option<Payload>,
 }
 
 impl Default for Policy {
@@ -185,6 +206,7 @@ impl Default for Policy {
             min_probe_spacing: Duration::ZERO,
             drain: false,
             hung_after: None,
+            expect_reply: None,
         }
     }
 }
@@ -250,6 +272,27 @@ impl Policy {
     pub fn with_drain(mut self, drain: bool) -> Self {
         self.drain = drain;
         self
+    }
+
+    /// Sets the start of the answer a datagram flow's peer sends to the probe (see
+    /// [`Policy::expect_reply`]).
+    pub fn with_expect_reply(mut self, reply: Payload) -> Self {
+        self.expect_reply = Some(reply);
+        self
+    }
+
+    /// Checks the policy for a TCP connection: [`Policy::validate`], and a byte probe small
+    /// enough for one write.
+    pub fn validate_stream(&self) -> Result<(), PolicyError> {
+        self.validate()?;
+        match &self.probe {
+            Probe::Bytes(payload) if payload.as_bytes().len() > MAX_PAYLOAD => {
+                Err(PolicyError::StreamPayloadTooLarge {
+                    len: payload.as_bytes().len(),
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Checks the policy. The engine refuses invalid policies with this error.

@@ -70,9 +70,22 @@ fn named<T>(
 /// What [`check_socket`] found out about an fd.
 pub(crate) struct SocketIdentity {
     pub(crate) inode: u64,
+    pub(crate) kind: SocketKind,
 }
 
-/// Refuses anything but a connected TCP socket, with an error that says what it is instead.
+/// The sockets lull watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SocketKind {
+    /// A connected TCP socket.
+    Stream,
+    /// A UDP socket connected to one peer.
+    ConnectedDatagram,
+    /// A UDP socket with no peer of its own: each peer it talks to is a flow of its own.
+    UnconnectedDatagram,
+}
+
+/// Refuses anything but a connected TCP socket or a UDP socket, with an error that says what
+/// it is instead.
 pub(crate) fn check_socket(fd: BorrowedFd<'_>) -> Result<SocketIdentity, WatchError> {
     let raw = fd.as_raw_fd();
     let st = fstat(fd).map_err(|err| {
@@ -95,7 +108,28 @@ pub(crate) fn check_socket(fd: BorrowedFd<'_>) -> Result<SocketIdentity, WatchEr
         protocol.map_or(0, libc::c_int::from),
     ) {
         (libc::AF_INET | libc::AF_INET6, libc::SOCK_STREAM, libc::IPPROTO_TCP) => None,
-        (libc::AF_INET | libc::AF_INET6, libc::SOCK_DGRAM, _) => Some("UDP"),
+        (libc::AF_INET | libc::AF_INET6, libc::SOCK_DGRAM, libc::IPPROTO_UDP) => {
+            // Connected or not: only a connected one has a peer address.
+            let kind = match socket.peer_addr() {
+                Ok(_) => SocketKind::ConnectedDatagram,
+                Err(err) if err.raw_os_error() == Some(libc::ENOTCONN) => {
+                    SocketKind::UnconnectedDatagram
+                }
+                Err(source) => {
+                    return Err(SocketError {
+                        call: "getpeername",
+                        fd: raw,
+                        source,
+                    }
+                    .into());
+                }
+            };
+            return Ok(SocketIdentity {
+                inode: st.st_ino,
+                kind,
+            });
+        }
+        (libc::AF_INET | libc::AF_INET6, libc::SOCK_DGRAM, _) => Some("datagram (not UDP)"),
         (libc::AF_INET | libc::AF_INET6, _, libc::IPPROTO_SCTP) => Some("SCTP"),
         (libc::AF_UNIX, _, _) => Some("Unix"),
         (libc::AF_INET | libc::AF_INET6, libc::SOCK_RAW, _) => Some("raw"),
@@ -111,7 +145,10 @@ pub(crate) fn check_socket(fd: BorrowedFd<'_>) -> Result<SocketIdentity, WatchEr
     if state != TcpState::Established {
         return Err(WatchError::NotConnected { fd: raw, state });
     }
-    Ok(SocketIdentity { inode: st.st_ino })
+    Ok(SocketIdentity {
+        inode: st.st_ino,
+        kind: SocketKind::Stream,
+    })
 }
 
 /// Hands a kernel-probed socket to the kernel's keepalive, with the policy's timings, and
@@ -229,18 +266,23 @@ mod tests {
     }
 
     #[test]
-    fn only_a_connected_tcp_socket_passes() {
+    fn connected_tcp_and_udp_sockets_pass() {
         let (ours, _peer, listener) = pair();
-        assert!(check_socket(ours.as_fd()).is_ok());
+        assert_eq!(check_socket(ours.as_fd()).unwrap().kind, SocketKind::Stream);
         assert!(matches!(
             check_socket(listener.as_fd()),
             Err(WatchError::Listening(_))
         ));
         let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
-        assert!(matches!(
-            check_socket(udp.as_fd()),
-            Err(WatchError::NotTcp { kind: "UDP", .. })
-        ));
+        assert_eq!(
+            check_socket(udp.as_fd()).unwrap().kind,
+            SocketKind::UnconnectedDatagram
+        );
+        udp.connect(listener.local_addr().unwrap()).unwrap();
+        assert_eq!(
+            check_socket(udp.as_fd()).unwrap().kind,
+            SocketKind::ConnectedDatagram
+        );
         let file = std::fs::File::open("/proc/self/stat").unwrap();
         assert!(matches!(
             check_socket(file.as_fd()),

@@ -20,7 +20,14 @@ struct Args {
 }
 
 /// Report order in the summary: cheapest to most expensive to read.
-const ORDER: &[&str] = &["wheel", "engine-sim", "probe-path", "real", "ebpf-overhead"];
+const ORDER: &[&str] = &[
+    "wheel",
+    "engine-sim",
+    "probe-path",
+    "real",
+    "ebpf-overhead",
+    "udp",
+];
 
 fn main() -> Result<()> {
     let args = Args::parse();

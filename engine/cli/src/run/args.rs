@@ -70,7 +70,10 @@ pub enum OnDeadArg {
 /// started, detection latency, CPU and memory per connection.
 ///
 /// With --connect, it opens --conns connections to a real server and keeps them open past the
-/// server's own idle timeout, reporting each dead connection.
+/// server's own idle timeout, reporting each dead connection. With --connect udp://HOST:PORT
+/// it holds --conns UDP flows (a connected socket each, so a NAT mapping each): keep-warm
+/// sends --probe whenever a flow sent nothing for --interval; detect-dead needs the start of
+/// the peer's answer, --expect-reply.
 ///
 /// Durations read like 30s, 5m or 250ms. Every flag can also be set in --config FILE (TOML,
 /// keys spelled like the flags without the dashes in front: `idle = "30s"`); flags win.
@@ -82,8 +85,9 @@ pub struct RunArgs {
     #[serde(skip)]
     pub config: Option<PathBuf>,
 
-    /// Keep the connections of a real server alive instead of running the demo.
-    #[arg(long, value_name = "HOST:PORT")]
+    /// Keep the connections of a real server alive instead of running the demo;
+    /// udp://HOST:PORT holds UDP flows instead.
+    #[arg(long, value_name = "[udp://]HOST:PORT")]
     pub connect: Option<String>,
 
     /// Connections to hold [default: 10000 for the demo, 100 with --connect].
@@ -125,9 +129,15 @@ pub struct RunArgs {
     #[arg(long, value_enum)]
     pub on_dead: Option<OnDeadArg>,
 
-    /// The probe: redis, mqtt, http2, ws, ws-client, hex:BYTES or kernel [default: redis].
+    /// The probe: redis, mqtt, http2, ws, ws-client, hex:BYTES or kernel [default: redis]. For
+    /// udp:// a payload is required: hex:BYTES, up to 1200 bytes.
     #[arg(long)]
     pub probe: Option<String>,
+
+    /// udp://: the start of the peer's answer to --probe, hex:BYTES. Detect-dead needs it: UDP
+    /// has no acknowledgements, so only an answer tells a dead peer from an idle one.
+    #[arg(long, value_name = "hex:BYTES")]
+    pub expect_reply: Option<String>,
 
     /// Never probe one connection more often than this [default: 0s].
     #[arg(long, value_parser = parse_duration)]
@@ -152,6 +162,11 @@ pub struct RunArgs {
     /// Demo: percentage of peers that close or reset [default: 1].
     #[arg(long, value_name = "PERCENT")]
     pub closing: Option<f64>,
+
+    /// Demo: UDP flows held alongside the TCP connections, as a percentage of --conns; the
+    /// same --busy and --hung shares of them are busy and hang [default: 10].
+    #[arg(long, value_name = "PERCENT")]
+    pub udp: Option<f64>,
 
     /// --connect: send an MQTT CONNECT with this keepalive first, so brokers accept PINGREQ.
     #[arg(long, value_name = "SECS")]
@@ -231,11 +246,13 @@ impl RunArgs {
             activity,
             on_dead,
             probe,
+            expect_reply,
             min_probe_spacing,
             hung_after,
             busy,
             hung,
             closing,
+            udp,
             mqtt_keepalive,
             http2,
             reconnect,

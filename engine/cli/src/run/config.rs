@@ -10,7 +10,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use lull::{ActivityMode, Mode, OnDead, Payload, PayloadError, Policy, PolicyError, Probe};
+use lull::{
+    ActivityMode, DatagramPolicyError, Mode, OnDead, Payload, PayloadError, Policy, PolicyError,
+    Probe,
+};
 
 use super::args::{ActivityArg, ModeArg, OnDeadArg, RunArgs, SourceArg};
 use crate::usage::usage;
@@ -21,6 +24,8 @@ pub struct Population {
     pub busy: f64,
     pub hung: f64,
     pub closing: f64,
+    /// UDP flows alongside the TCP connections, as a fraction of them.
+    pub udp: f64,
 }
 
 /// Settings of `--connect`.
@@ -31,6 +36,8 @@ pub struct Connect {
     pub mqtt_keepalive: Option<u16>,
     pub http2: bool,
     pub reconnect: bool,
+    /// `udp://`: UDP flows, not TCP connections.
+    pub udp: bool,
 }
 
 /// What `lull run` does.
@@ -47,6 +54,9 @@ pub struct RunConfig {
     pub conns: u32,
     pub duration: Option<Duration>,
     pub policy: Policy,
+    /// The policy of UDP flows: `--connect udp://`'s (the same as `policy`), or the demo's
+    /// UDP share's; `None` when the run has no UDP flows.
+    pub udp_policy: Option<Policy>,
     pub engines: usize,
     pub tick: Duration,
     pub max_probes_per_tick: u32,
@@ -95,6 +105,10 @@ impl RunConfig {
     /// Applies the defaults to every flag still unset, and validates everything.
     pub fn from_args(args: RunArgs) -> Result<Self> {
         let connecting = args.connect.is_some();
+        let udp = args
+            .connect
+            .as_deref()
+            .is_some_and(|t| t.starts_with("udp://"));
         let defaults = if connecting {
             JobDefaults::CONNECT
         } else {
@@ -120,16 +134,49 @@ impl RunConfig {
             ModeArg::DetectDead => Mode::DetectDead,
             ModeArg::KeepWarm => Mode::KeepWarm,
         };
-        let probe = match args.probe.as_deref().unwrap_or("redis") {
-            "kernel" => Probe::Kernel,
-            "callback" => {
+        let probe = match (args.probe.as_deref(), udp) {
+            (None, true) => {
+                return Err(usage(
+                    "--probe",
+                    "a UDP flow needs a probe payload: hex:BYTES (up to 1200 bytes)",
+                ));
+            }
+            (Some("kernel"), true) => {
+                return Err(usage(
+                    "--probe",
+                    "UDP has no kernel keepalive; give a payload, hex:BYTES",
+                ));
+            }
+            (Some("kernel"), false) => Probe::Kernel,
+            (Some("callback"), _) => {
                 return Err(usage(
                     "--probe",
                     "callback probes need an application; use the library",
                 ));
             }
-            name => Probe::Bytes(Payload::parse(name).map_err(|e| probe_error(&e))?),
+            (Some(name), true) => {
+                Probe::Bytes(Payload::parse_datagram(name).map_err(|e| probe_error(&e))?)
+            }
+            (name, false) => {
+                Probe::Bytes(Payload::parse(name.unwrap_or("redis")).map_err(|e| probe_error(&e))?)
+            }
         };
+        let expect_reply = args
+            .expect_reply
+            .as_deref()
+            .map(|text| {
+                if !udp {
+                    return Err(usage(
+                        "--expect-reply",
+                        "only applies with --connect udp://HOST:PORT",
+                    ));
+                }
+                if !text.starts_with("hex:") {
+                    return Err(usage("--expect-reply", "expected hex:BYTES"));
+                }
+                Payload::parse_datagram(text).map_err(|e| usage("--expect-reply", e.to_string()))
+            })
+            .transpose()?;
         let interval = args.interval.unwrap_or(defaults.interval);
         let policy = Policy {
             idle: args.idle.unwrap_or(if mode == Mode::KeepWarm {
@@ -153,19 +200,47 @@ impl RunConfig {
             probe,
             min_probe_spacing: args.min_probe_spacing.unwrap_or_default(),
             hung_after: args.hung_after,
-            // lull is the only reader of these sockets: replies must not pile up.
-            drain: true,
+            // lull is the only reader of these sockets: replies must not pile up. (It reads a
+            // UDP flow's replies itself, to check them against --expect-reply.)
+            drain: !udp,
+            expect_reply,
         };
-        policy.validate().map_err(|e| policy_error(&e))?;
+        if udp {
+            policy
+                .validate_datagram(false)
+                .map_err(|e| policy_error(&e))?;
+        } else {
+            policy.validate().map_err(|e| policy_error(&e))?;
+        }
 
+        let mut udp_policy = None;
         let job = match args.connect {
-            Some(target) => Job::Connect(Connect {
-                addr: resolve(&target)?,
-                target,
-                mqtt_keepalive: args.mqtt_keepalive,
-                http2: args.http2.unwrap_or(false),
-                reconnect: args.reconnect.unwrap_or(false),
-            }),
+            Some(target) => {
+                if udp {
+                    for (flag, set) in [
+                        ("--mqtt-keepalive", args.mqtt_keepalive.is_some()),
+                        ("--http2", args.http2.is_some()),
+                        ("--reconnect", args.reconnect.is_some()),
+                    ] {
+                        if set {
+                            return Err(usage(flag, "only applies to TCP, not udp://"));
+                        }
+                    }
+                    udp_policy = Some(policy.clone());
+                }
+                if args.udp.is_some() {
+                    return Err(usage("--udp", "only applies to the demo"));
+                }
+                let address = target.strip_prefix("udp://").unwrap_or(&target);
+                Job::Connect(Connect {
+                    addr: resolve(&target, address)?,
+                    target,
+                    mqtt_keepalive: args.mqtt_keepalive,
+                    http2: args.http2.unwrap_or(false),
+                    reconnect: args.reconnect.unwrap_or(false),
+                    udp,
+                })
+            }
             None => {
                 for (flag, set) in [
                     ("--mqtt-keepalive", args.mqtt_keepalive.is_some()),
@@ -190,12 +265,16 @@ impl RunConfig {
                     busy: share("--busy", args.busy, 5.0)?,
                     hung: share("--hung", args.hung, 1.0)?,
                     closing: share("--closing", args.closing, 1.0)?,
+                    udp: share("--udp", args.udp, 10.0)?,
                 };
                 if population.busy + population.hung + population.closing > 1.0 {
                     return Err(usage(
                         "--busy",
                         "--busy, --hung and --closing add up to more than 100%",
                     ));
+                }
+                if population.udp > 0.0 {
+                    udp_policy = Some(demo_udp_policy(&policy)?);
                 }
                 Job::Demo(population)
             }
@@ -211,6 +290,7 @@ impl RunConfig {
             conns,
             duration,
             policy,
+            udp_policy,
             engines,
             tick: args.tick.unwrap_or(Duration::from_millis(1)),
             max_probes_per_tick: args.max_probes_per_tick.unwrap_or(1024),
@@ -224,12 +304,30 @@ impl RunConfig {
     }
 }
 
+impl RunConfig {
+    /// UDP flows the demo holds beside its `conns` TCP connections (0 for `--connect`, whose
+    /// flows are its `conns`).
+    pub fn side_udp_flows(&self) -> u32 {
+        match self.job {
+            Job::Demo(population) => (f64::from(self.conns) * population.udp).round() as u32,
+            Job::Connect(_) => 0,
+        }
+    }
+}
+
 fn probe_error(e: &PayloadError) -> anyhow::Error {
     usage("--probe", e.to_string())
 }
 
 /// Names the flag behind each policy error.
 fn policy_error(e: &PolicyError) -> anyhow::Error {
+    if *e == PolicyError::Datagram(DatagramPolicyError::NoReplyExpected) {
+        return usage(
+            "--expect-reply",
+            "detect-dead on a UDP flow needs a probe the peer answers: give the start of its \
+             answer as --expect-reply hex:BYTES (or use --mode keep-warm)",
+        );
+    }
     let field = match e {
         PolicyError::ZeroIdle => "--idle",
         PolicyError::ZeroInterval => "--interval",
@@ -248,14 +346,43 @@ fn policy_error(e: &PolicyError) -> anyhow::Error {
             "hung_after" => "--hung-after",
             _ => "--min-probe-spacing",
         },
+        PolicyError::StreamPayloadTooLarge { .. } => "--probe",
+        PolicyError::Datagram(e) => match e {
+            DatagramPolicyError::KernelProbe => "--probe",
+            DatagramPolicyError::Tiered => "--hung-after",
+            DatagramPolicyError::NoReplyExpected => "--expect-reply",
+            DatagramPolicyError::Reset | DatagramPolicyError::SharedShutdown => "--on-dead",
+            // lull sets drain itself: never a flag's fault.
+            DatagramPolicyError::Drain => "--connect",
+        },
     };
     usage(field, e.to_string())
 }
 
-/// Resolves `--connect` to an address. Whether it can be reached is the job's first check,
-/// not validation's: validating a flag never touches the network.
-fn resolve(target: &str) -> Result<SocketAddr> {
-    target
+/// The demo's UDP flows: the TCP connections' timings and mode, with the UDP peers' own
+/// probe and answer (`lull-ping`, `lull-pong`), and reported rather than acted on (UDP has no
+/// reset, and the demo counts its dead).
+fn demo_udp_policy(tcp: &Policy) -> Result<Policy> {
+    use lull_harness::udp::{UDP_PROBE, UDP_REPLY};
+    let policy = Policy {
+        probe: Probe::Bytes(Payload::datagram(UDP_PROBE)?),
+        expect_reply: Some(Payload::datagram(UDP_REPLY)?),
+        hung_after: None,
+        drain: false,
+        on_dead: OnDead::Report,
+        ..tcp.clone()
+    };
+    policy
+        .validate_datagram(false)
+        .map_err(|e| policy_error(&e))?;
+    Ok(policy)
+}
+
+/// Resolves `--connect`'s `address` (its `target` without `udp://`) to an address. Whether it
+/// can be reached is the job's first check, not validation's: validating a flag never touches
+/// the network.
+fn resolve(target: &str, address: &str) -> Result<SocketAddr> {
+    address
         .to_socket_addrs()
         .map_err(|e| usage("--connect", format!("`{target}`: {e}")))?
         .next()
@@ -303,12 +430,14 @@ mod fuzz {
         "activity",
         "on-dead",
         "probe",
+        "expect-reply",
         "min-probe-spacing",
         "hung-after",
         "hung_after",
         "busy",
         "hung",
         "closing",
+        "udp",
         "mqtt-keepalive",
         "http2",
         "reconnect",

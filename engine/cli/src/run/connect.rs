@@ -101,6 +101,9 @@ fn backoff(attempt: u32, rng: &mut u64) -> Duration {
 }
 
 pub fn run(session: &Session<'_>, target: &Connect) -> Result<Report> {
+    if target.udp {
+        return super::connect_udp::run(session, target);
+    }
     // An address that cannot be reached is a usage error, not a run with zero connections.
     TcpStream::connect_timeout(&target.addr, REACHABLE_TIMEOUT)
         .map_err(|e| usage("--connect", format!("{}: {e}", target.target)))?;
@@ -229,6 +232,7 @@ pub fn run(session: &Session<'_>, target: &Connect) -> Result<Report> {
         rss_growth: Some((rss_after.saturating_sub(rss_before), n)),
         elapsed: session.elapsed(),
         interrupted: session.interrupted(),
+        udp: None,
     };
     let mut report = report::build(session.engine, &tracker, facts);
     report.connections = live.len() as u64;

@@ -5,7 +5,7 @@ use std::{
     collections::BTreeMap,
     fs::File,
     io::{BufRead, BufReader},
-    net::TcpStream,
+    net::{TcpStream, UdpSocket},
     os::{fd::AsRawFd, unix::process::CommandExt},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -16,7 +16,8 @@ use lull::Watched;
 
 use super::{
     config::Population,
-    report::{self, JobFacts, Report},
+    datagrams::DatagramFlows,
+    report::{self, JobFacts, Report, UdpFacts},
     session::Session,
     tracker::{Tally, Tracker},
 };
@@ -30,6 +31,8 @@ struct Peers {
     children: Vec<Child>,
     /// Per process, the port of each role, in `Role::ALL` order.
     ports: Vec<[u16; 4]>,
+    /// Per process, the UDP port of each role, in `Role::UDP` order.
+    udp_ports: Vec<[u16; 3]>,
 }
 
 impl Drop for Peers {
@@ -59,6 +62,7 @@ fn spawn_population(processes: u64, script: &Script, outside: Option<File>) -> R
     let mut population = Peers {
         children: Vec::new(),
         ports: Vec::new(),
+        udp_ports: Vec::new(),
     };
     for _ in 0..processes {
         let mut command = Command::new(&exe);
@@ -97,13 +101,14 @@ fn spawn_population(processes: u64, script: &Script, outside: Option<File>) -> R
             .map(str::parse)
             .collect::<Result<_, _>>()?;
         ensure!(
-            ports.len() == 4,
+            ports.len() == 7,
             "a peer process reported {} ports",
             ports.len()
         );
         population
             .ports
             .push([ports[0], ports[1], ports[2], ports[3]]);
+        population.udp_ports.push([ports[4], ports[5], ports[6]]);
     }
     Ok(population)
 }
@@ -137,6 +142,51 @@ fn roles(n: u64, population: Population) -> (Vec<Role>, BTreeMap<Role, u64>) {
         roles.swap(i, (state % (i as u64 + 1)) as usize);
     }
     (roles, counts)
+}
+
+/// The demo's UDP flows, their roles, and how many of each.
+type UdpShare = (DatagramFlows, Vec<Role>, BTreeMap<Role, u64>);
+
+/// Opens the demo's UDP flows (none with `--udp 0`): a connected socket each, to the UDP peer
+/// of its role, announced with a first datagram so that the peer knows it (a busy peer sends
+/// to it, a hung one counts its hang from it).
+fn open_udp_flows(
+    session: &Session<'_>,
+    peers: &Peers,
+    script: &Script,
+    population: Population,
+    tracker: &mut Tracker,
+) -> Result<Option<UdpShare>> {
+    let Some(policy) = &session.config.udp_policy else {
+        return Ok(None);
+    };
+    let n = u64::from(session.config.side_udp_flows());
+    let (roles, mut by_role) = roles(
+        n,
+        Population {
+            closing: 0.0,
+            ..population
+        },
+    );
+    by_role.retain(|_, count| *count > 0);
+    let mut flows = Vec::with_capacity(roles.len());
+    for (i, role) in roles.iter().enumerate() {
+        let process = i % peers.udp_ports.len();
+        let port = peers.udp_ports[process][Role::UDP.iter().position(|r| r == role).unwrap_or(0)];
+        let socket = UdpSocket::bind(("127.0.0.1", 0)).context("binding a UDP socket")?;
+        socket.connect(("127.0.0.1", port))?;
+        let local = socket.local_addr()?.port();
+        let watched = session
+            .engine
+            .watch(socket, policy)
+            .context("watching a demo UDP flow")?;
+        watched.send(b"lull-hello").context("greeting a UDP peer")?;
+        let hangs_at = (*role == Role::Hung).then(|| Instant::now() + script.hang_after(local));
+        tracker.expect_udp(watched.id(), *role, hangs_at);
+        flows.push(watched);
+    }
+    let reply = policy.expect_reply.as_ref().map(|r| r.as_bytes().to_vec());
+    Ok(Some((DatagramFlows::start(flows, reply)?, roles, by_role)))
 }
 
 pub fn run(session: &Session<'_>, population: Population) -> Result<Report> {
@@ -209,11 +259,16 @@ pub fn run(session: &Session<'_>, population: Population) -> Result<Report> {
         std::thread::sleep(Duration::from_millis(10));
     }
     let rss_after = lull_harness::process::rss_bytes()?;
+    let udp = open_udp_flows(session, &peers, &script, population, &mut tracker)?;
     if !config.quiet {
         eprintln!(
-            "\rconnected {} in {:.1?}; running for {duration:?}",
+            "\rconnected {} in {:.1?}{}; running for {duration:?}",
             handles.len(),
-            setup.elapsed()
+            setup.elapsed(),
+            udp.as_ref().map_or(String::new(), |(flows, _, _)| format!(
+                ", and {} UDP flows",
+                flows.flows().len()
+            )),
         );
     }
     if handles.len() as u64 != n && !session.interrupted() {
@@ -253,6 +308,30 @@ pub fn run(session: &Session<'_>, population: Population) -> Result<Report> {
         .filter(|(_, role)| **role == Role::Answering)
         .map(|(w, _)| u64::from(w.stats().probes_sent))
         .collect();
+    let udp_facts = match (&udp, &config.udp_policy) {
+        (Some((flows, roles, by_role)), Some(udp_policy)) => {
+            let (replies, other_datagrams) = flows.counted();
+            let busy_probes = flows
+                .flows()
+                .iter()
+                .zip(roles)
+                .filter(|(_, role)| **role == Role::Busy)
+                .map(|(w, _)| u64::from(w.stats().probes_sent))
+                .sum();
+            Some(UdpFacts {
+                policy: udp_policy,
+                flows: flows.flows().len() as u64,
+                by_role: by_role.clone(),
+                observers: flows.observers(),
+                replies,
+                other_datagrams,
+                busy_probes: Some(busy_probes),
+                expected_dead: Some(by_role.get(&Role::Hung).copied().unwrap_or(0)),
+                primary: false,
+            })
+        }
+        _ => None,
+    };
     let facts = JobFacts {
         job: "demo",
         idle_probes: Some((answering.iter().sum(), answering.len() as u64)),
@@ -265,7 +344,11 @@ pub fn run(session: &Session<'_>, population: Population) -> Result<Report> {
         rss_growth: Some((rss_after.saturating_sub(rss_before), handles.len() as u64)),
         elapsed: session.elapsed(),
         interrupted: session.interrupted(),
+        udp: udp_facts,
     };
+    // The UDP flows are read from their own stats above; once they are no longer watched,
+    // nothing more is sent to them, and the engine's UDP totals are final.
+    drop(udp);
     let report = report::build(session.engine, &tracker, facts);
     drop(handles);
     drop(peers);

@@ -4,6 +4,8 @@ mod args;
 mod cgroup;
 mod config;
 mod connect;
+mod connect_udp;
+mod datagrams;
 mod demo;
 mod report;
 mod session;
@@ -31,15 +33,23 @@ use crate::{metrics::Metrics, privileges, usage::usage};
 pub fn run(args: RunArgs) -> Result<ExitCode> {
     let config = RunConfig::resolve(args)?;
     let limit = lull_harness::process::raise_fd_limit().context("reading RLIMIT_NOFILE")?;
-    // Each connection is one fd here; keep room for the engine, BPF objects and the peers' pipes.
+    // Each connection (and each UDP flow) is one fd here; keep room for the engine, BPF
+    // objects and the peers' pipes.
     let budget = limit.saturating_sub(256);
-    if u64::from(config.conns) > budget {
+    let fds = u64::from(config.conns) + u64::from(config.side_udp_flows());
+    if fds > budget {
+        let udp = config.side_udp_flows();
         return Err(usage(
             "--conns",
             format!(
-                "{} connections need more file descriptors than this process may hold \
+                "{} connections{} need more file descriptors than this process may hold \
                  (RLIMIT_NOFILE is {limit}); the most is {budget}",
-                config.conns
+                config.conns,
+                if udp > 0 {
+                    format!(" and {udp} UDP flows (--udp 0 for none)")
+                } else {
+                    String::new()
+                }
             ),
         ));
     }
@@ -58,6 +68,11 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         engine.len(),
         engine.source_kind()
     );
+    if config.udp_policy.is_some() {
+        // Attaching the egress program needs the privileges about to be dropped.
+        let observer = engine.observe_datagrams();
+        tracing::info!("UDP flows are seen by: {observer}");
+    }
     if let Some(user) = &config.user {
         // Rows of the host's table are leased through lock files only root may make.
         engine
@@ -96,7 +111,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
 fn build_engine(config: &RunConfig, cgroup: Option<&RunCgroup>) -> Result<EngineGroup> {
     let mut engine = EngineBuilder::default()
         // Capacity per engine: room for every connection, reconnects included.
-        .capacity(config.conns.div_ceil(config.engines as u32) * 2 + 64)
+        .capacity((config.conns + config.side_udp_flows()).div_ceil(config.engines as u32) * 2 + 64)
         .tick(config.tick)
         .max_probes_per_tick(config.max_probes_per_tick)
         .source(match config.source {

@@ -1,5 +1,7 @@
 //! The final report of `lull run`: a table on stdout, the same as JSON with `--json`.
 
+mod udp;
+
 use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
 
 use lull::{DeadTier, EngineGroup, EngineStats};
@@ -7,6 +9,8 @@ use serde::Serialize;
 
 use super::tracker::Tracker;
 use crate::schedule::Role;
+
+pub use udp::{UdpFacts, UdpReport};
 
 /// Found against expected, for dead and closed connections.
 #[derive(Debug, Default, Serialize)]
@@ -50,6 +54,9 @@ pub struct PolicyReport {
     pub jitter: f64,
     pub probe: String,
     pub hung_after_ms: Option<u64>,
+    /// UDP: the start of the peer's answer to the probe.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expect_reply: Option<String>,
 }
 
 impl PolicyReport {
@@ -66,6 +73,7 @@ impl PolicyReport {
                 lull::Probe::Kernel => "kernel".into(),
                 lull::Probe::Callback => "callback".into(),
             },
+            expect_reply: p.expect_reply.as_ref().map(|r| format!("{r:?}")),
         }
     }
 }
@@ -110,6 +118,9 @@ pub struct Report {
     pub rss_growth_per_conn_bytes: Option<f64>,
     pub engine_bytes_per_conn: u64,
     pub events_dropped: u64,
+    /// The run's UDP flows (`--connect udp://`, or the demo's UDP share), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub udp: Option<UdpReport>,
     /// Everything that did not come out as expected; empty when all is well.
     pub mismatches: Vec<String>,
 }
@@ -132,6 +143,8 @@ pub struct JobFacts<'a> {
     pub rss_growth: Option<(u64, u64)>,
     pub elapsed: Duration,
     pub interrupted: bool,
+    /// The run's UDP flows, if any.
+    pub udp: Option<UdpFacts<'a>>,
 }
 
 pub fn build(engine: &EngineGroup, tracker: &Tracker, facts: JobFacts<'_>) -> Report {
@@ -199,6 +212,22 @@ pub fn build(engine: &EngineGroup, tracker: &Tracker, facts: JobFacts<'_>) -> Re
     if stats.events_dropped > 0 {
         mismatches.push(format!("{} events dropped", stats.events_dropped));
     }
+    let udp = facts.udp.as_ref().map(|udp| {
+        udp::build(
+            udp,
+            &stats,
+            tracker,
+            facts.elapsed,
+            complete,
+            &mut mismatches,
+        )
+    });
+    // The demo's UDP flows are watched beside its connections: the engine's cost is theirs too.
+    let side_flows = facts
+        .udp
+        .as_ref()
+        .filter(|u| !u.primary)
+        .map_or(0, |u| u.flows);
     let h = &tracker.latency_us;
     let ms = |us: u64| us as f64 / 1_000.0;
     let detection_latency = (!h.is_empty()).then(|| Latency {
@@ -213,7 +242,8 @@ pub fn build(engine: &EngineGroup, tracker: &Tracker, facts: JobFacts<'_>) -> Re
             .map(|_| tracker.bound(DeadTier::Transport).as_secs_f64() * 1e3),
         over_bound: tracker.over_bound,
     });
-    let conn_hours = facts.connections as f64 * facts.elapsed.as_secs_f64() / 3_600.0;
+    let conn_hours =
+        (facts.connections + side_flows) as f64 * facts.elapsed.as_secs_f64() / 3_600.0;
     Report {
         job: facts.job.into(),
         policy: PolicyReport::of(facts.policy),
@@ -270,6 +300,7 @@ pub fn build(engine: &EngineGroup, tracker: &Tracker, facts: JobFacts<'_>) -> Re
             .map(|(bytes, n)| bytes as f64 / n as f64),
         engine_bytes_per_conn: ENGINE_BYTES_PER_CONN,
         events_dropped: stats.events_dropped,
+        udp,
         mismatches,
     }
 }
@@ -293,6 +324,9 @@ impl Report {
                 p.probe,
                 p.hung_after_ms
                     .map_or(String::new(), |ms| format!(", hung after {ms} ms (tiered)"))
+                    + &p.expect_reply
+                        .as_ref()
+                        .map_or(String::new(), |r| format!(", expecting {r}"))
             ),
         );
         row(
@@ -419,6 +453,9 @@ impl Report {
         );
         if self.events_dropped > 0 {
             row("events dropped", self.events_dropped.to_string());
+        }
+        if let Some(udp) = &self.udp {
+            udp.rows(&mut row);
         }
         let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
         let mut out = String::from("\nlull run report\n");

@@ -17,6 +17,8 @@ struct Expect {
     role: Option<Role>,
     /// When its peer was scheduled to hang (demo, hung peers).
     hangs_at: Option<Instant>,
+    /// One of the demo's UDP flows, counted apart from its TCP connections.
+    udp: bool,
 }
 
 /// Counts per role: (expected, found).
@@ -31,10 +33,14 @@ pub struct Tracker {
     expect: HashMap<ConnId, Expect>,
     /// Found dead/closed, by role (`None` for --connect).
     pub found: BTreeMap<Option<Role>, Tally>,
+    /// The same for the demo's UDP flows.
+    pub found_udp: BTreeMap<Option<Role>, Tally>,
     pub revived: u64,
     /// Detection latency in microseconds: from the hang (demo) or from the last payload
     /// (--connect) to the verdict.
     pub latency_us: Histogram<u64>,
+    /// The same for the demo's UDP flows.
+    pub latency_udp_us: Histogram<u64>,
     /// Dead verdicts by tier: transport, application.
     pub by_tier: [u64; 2],
     /// Latencies above the policy's bound for their tier.
@@ -52,8 +58,11 @@ impl Tracker {
         Self {
             expect: HashMap::with_capacity(expected_conns),
             found: BTreeMap::new(),
+            found_udp: BTreeMap::new(),
             revived: 0,
             latency_us: Histogram::new_with_bounds(1, 3_600_000_000, 3)
+                .expect("valid histogram bounds"),
+            latency_udp_us: Histogram::new_with_bounds(1, 3_600_000_000, 3)
                 .expect("valid histogram bounds"),
             by_tier: [0; 2],
             over_bound: 0,
@@ -71,7 +80,26 @@ impl Tracker {
 
     /// Registers a watched connection with its role and, for a hung peer, its hang instant.
     pub fn expect(&mut self, id: ConnId, role: Option<Role>, hangs_at: Option<Instant>) {
-        self.expect.insert(id, Expect { role, hangs_at });
+        self.expect.insert(
+            id,
+            Expect {
+                role,
+                hangs_at,
+                udp: false,
+            },
+        );
+    }
+
+    /// Registers one of the demo's UDP flows, counted apart from the TCP connections.
+    pub fn expect_udp(&mut self, id: ConnId, role: Role, hangs_at: Option<Instant>) {
+        self.expect.insert(
+            id,
+            Expect {
+                role: Some(role),
+                hangs_at,
+                udp: true,
+            },
+        );
     }
 
     /// Forgets a connection (--connect drops and reconnects them).
@@ -83,23 +111,31 @@ impl Tracker {
     pub fn on_event(&mut self, event: &Event, at: Instant) -> Option<Duration> {
         let expect = self.expect.get(&event.id());
         let role = expect.and_then(|e| e.role);
+        let udp = expect.is_some_and(|e| e.udp);
+        let (found, latencies) = if udp {
+            (&mut self.found_udp, &mut self.latency_udp_us)
+        } else {
+            (&mut self.found, &mut self.latency_us)
+        };
         match *event {
             Event::Dead { after, tier, .. } => {
-                self.found.entry(role).or_default().dead += 1;
-                self.by_tier[tier_index(tier)] += 1;
+                found.entry(role).or_default().dead += 1;
+                if !udp {
+                    self.by_tier[tier_index(tier)] += 1;
+                }
                 // The demo knows when the peer hung; --connect knows the silence lull measured.
                 let latency = match expect.and_then(|e| e.hangs_at) {
                     Some(hung) => at.saturating_duration_since(hung),
                     None => after,
                 };
-                let _ = self.latency_us.record((latency.as_micros() as u64).max(1));
+                let _ = latencies.record((latency.as_micros() as u64).max(1));
                 if latency > self.bound(tier) + Duration::from_millis(50) {
                     self.over_bound += 1;
                 }
                 Some(latency)
             }
             Event::Closed { .. } => {
-                self.found.entry(role).or_default().closed += 1;
+                found.entry(role).or_default().closed += 1;
                 None
             }
             Event::Revived { .. } => {
@@ -110,12 +146,14 @@ impl Tracker {
         }
     }
 
-    /// Totals over every role.
+    /// Totals over every role (the demo's UDP flows apart).
     pub fn total(&self) -> Tally {
-        self.found.values().fold(Tally::default(), |a, t| Tally {
-            dead: a.dead + t.dead,
-            closed: a.closed + t.closed,
-        })
+        sum(&self.found)
+    }
+
+    /// Totals over every role of the demo's UDP flows.
+    pub fn total_udp(&self) -> Tally {
+        sum(&self.found_udp)
     }
 
     /// Prints the progress line (on stderr, overwriting itself) about once a second.
@@ -179,6 +217,13 @@ impl Tracker {
             eprintln!();
         }
     }
+}
+
+fn sum(found: &BTreeMap<Option<Role>, Tally>) -> Tally {
+    found.values().fold(Tally::default(), |a, t| Tally {
+        dead: a.dead + t.dead,
+        closed: a.closed + t.closed,
+    })
 }
 
 fn tier_index(tier: DeadTier) -> usize {

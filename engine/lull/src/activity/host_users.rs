@@ -32,6 +32,9 @@ pub struct HostUser {
     pub pid: u32,
     /// The cgroups it relies on: id and path.
     pub cgroups: Vec<(u64, PathBuf)>,
+    /// The cgroups (by id) on which it relies on the egress program: it watches UDP flows
+    /// there with the eBPF source.
+    pub egress: Vec<u64>,
 }
 
 /// `setup.lock`, held exclusively; released on drop.
@@ -70,6 +73,7 @@ impl HostUsers {
             path,
             pid,
             cgroups: Vec::new(),
+            egress: Vec::new(),
         };
         record.write()?;
         Ok(record)
@@ -122,6 +126,7 @@ pub(crate) struct UserRecord {
     path: PathBuf,
     pid: u32,
     cgroups: Vec<(u64, PathBuf)>,
+    egress: Vec<u64>,
 }
 
 impl UserRecord {
@@ -131,10 +136,19 @@ impl UserRecord {
         self.write()
     }
 
+    /// Notes that this user relies on the egress program attached to `cgroup` (UDP).
+    pub(crate) fn add_egress(&mut self, id: u64) -> Result<(), ActivityError> {
+        self.egress.push(id);
+        self.write()
+    }
+
     fn write(&mut self) -> Result<(), ActivityError> {
         let mut text = format!("pid {}\n", self.pid);
         for (id, path) in &self.cgroups {
             text.push_str(&format!("cgroup {id} {}\n", path.display()));
+        }
+        for id in &self.egress {
+            text.push_str(&format!("egress {id}\n"));
         }
         self.lock.write_text(&text)
     }
@@ -150,6 +164,7 @@ fn parse_record(text: &str) -> Option<HostUser> {
     let mut user = HostUser {
         pid: 0,
         cgroups: Vec::new(),
+        egress: Vec::new(),
     };
     for line in text.lines() {
         if let Some(pid) = line.strip_prefix("pid ") {
@@ -157,6 +172,8 @@ fn parse_record(text: &str) -> Option<HostUser> {
         } else if let Some(rest) = line.strip_prefix("cgroup ") {
             let (id, path) = rest.split_once(' ')?;
             user.cgroups.push((id.parse().ok()?, PathBuf::from(path)));
+        } else if let Some(id) = line.strip_prefix("egress ") {
+            user.egress.push(id.trim().parse().ok()?);
         }
     }
     (user.pid != 0).then_some(user)
@@ -172,6 +189,8 @@ pub struct PinnedBuild {
     pub links: Vec<(u64, Option<PathBuf>)>,
     /// The processes using it.
     pub users: Vec<HostUser>,
+    /// The cgroups (by id) where its egress program is attached, for UDP flows.
+    pub egress: Vec<u64>,
 }
 
 /// Every lull build pinned on this host.
@@ -207,10 +226,23 @@ pub fn pinned_builds() -> Vec<PinnedBuild> {
             })
             .unwrap_or_default();
         links.sort();
+        let mut egress: Vec<u64> = std::fs::read_dir(entry.path().join("links"))
+            .map(|links| {
+                links
+                    .flatten()
+                    .filter_map(|l| {
+                        let name = l.file_name().to_string_lossy().into_owned();
+                        name.strip_suffix("-egress")?.parse::<u64>().ok()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        egress.sort_unstable();
         builds.push(PinnedBuild {
             dir: entry.path(),
             links,
             users,
+            egress,
         });
     }
     builds
@@ -226,6 +258,7 @@ mod tests {
         let users = HostUsers::new(run.clone());
         let mut me = users.register().unwrap();
         me.add_cgroup(42, Path::new("/sys/fs/cgroup/a b")).unwrap();
+        me.add_egress(42).unwrap();
         let other = users.register().unwrap();
         assert_eq!(users.live().len(), 2);
         assert_eq!(
@@ -238,6 +271,7 @@ mod tests {
         let live = users.live();
         assert_eq!(live.len(), 1, "{live:?}");
         assert_eq!(live[0].pid, std::process::id());
+        assert_eq!(live[0].egress, vec![42]);
         assert!(!run.join("users").join("999999.0").exists());
         drop(me);
         assert!(users.live().is_empty());

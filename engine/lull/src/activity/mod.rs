@@ -34,6 +34,7 @@ pub use extents::EXTENT_ROWS;
 pub use host_users::{HostUser, PIN_ROOT, PinnedBuild, pinned_builds};
 pub use lull_common::flags;
 pub(crate) use pinned::ensure_bpffs;
+pub(crate) use rows::Rows;
 pub use sim::SimulatedSource;
 pub use slots::Slot;
 pub(crate) use slots::{Grace, SlotAllocator, SlotState};
@@ -112,6 +113,26 @@ pub trait ActivitySource: Send + Sync + 'static {
         slot: Slot,
         baseline_ns: u64,
     ) -> Result<(), ActivityError>;
+
+    /// Whether this source can observe connected UDP sockets, getting ready to if it can
+    /// (the eBPF table attaches its egress program to its cgroup at the first call). `false`
+    /// (the default) for a source that cannot see datagrams: `TCP_INFO` has nothing for UDP.
+    fn observe_datagrams(&self) -> bool {
+        false
+    }
+
+    /// Starts tracking the connected UDP socket `fd` in `slot`, stamps starting at
+    /// `baseline_ns`, if [`observe_datagrams`](ActivitySource::observe_datagrams) says this
+    /// source can; `Ok(false)` (the default) when it cannot, and nothing was registered. The
+    /// engine then relies on the watched handle's own send and receive calls.
+    fn attach_datagram(
+        &self,
+        _fd: BorrowedFd<'_>,
+        _slot: Slot,
+        _baseline_ns: u64,
+    ) -> Result<bool, ActivityError> {
+        Ok(false)
+    }
 
     /// Stops tracking `slot`. `fd` is the socket if it is still open, which lets a source drop
     /// per-socket state at once rather than when the socket dies.

@@ -6,9 +6,10 @@
 //! | path | what |
 //! |---|---|
 //! | `/sys/fs/bpf/lull/engine-<build>/` | one build's pins; `<build>` hashes the BPF object |
-//! | `…/prog_ingress`, `…/prog_sock_ops` | the programs |
+//! | `…/prog_ingress`, `…/prog_sock_ops`, `…/prog_egress` | the programs |
 //! | `…/LULL_ACTIVITY`, `…/LULL_SLOTS` | the maps |
 //! | `…/links/<cgroup id>-ingress`, `…-sock_ops` | the attachments, one pair per cgroup |
+//! | `…/links/<cgroup id>-egress` | UDP's egress attachment, only where a UDP flow is watched |
 //! | `/run/lull/engine-<build>/setup.lock` | held exclusively while pins are made or removed |
 //! | `/run/lull/engine-<build>/users/<pid>.<n>` | one per user, locked while it lives; lists its cgroups |
 //! | `/run/lull/engine-<build>/extents/<k>` | one per 4,096 rows of the table, locked by its lessee |
@@ -27,6 +28,10 @@
 //!   under way), both run side by side, and a warning names the directory and the processes.
 //! - A cgroup whose ancestor has lull's links gets no links of its own: its sockets already
 //!   run the programs, and a second link would run them twice per packet.
+//! - The egress link is attached lazily, by the first user that watches a UDP flow with the
+//!   eBPF source, to the cgroup its ingress link is on, and noted in that user's record. It
+//!   is removed once no live user's record notes it, even while TCP users of the cgroup go
+//!   on: a cgroup with TCP connections alone runs nothing on egress.
 
 use std::{
     ffi::CString,
@@ -37,16 +42,16 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Map, MapData, SkStorage},
-    programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SockOps,
-        links::{FdLink, PinnedLink},
-    },
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SockOps, links::FdLink},
 };
 use aya_log::EbpfLogger;
 use lull_common::{
-    ACTIVITY_MAP, ActivityEntry, INGRESS_PROG, NOTICES_MAP, PROBES_OUT_OFFSET_GLOBAL,
+    ACTIVITY_MAP, ActivityEntry, EGRESS_PROG, INGRESS_PROG, NOTICES_MAP, PROBES_OUT_OFFSET_GLOBAL,
     SK_ERR_OFFSET_GLOBAL, SLOTS_MAP, SOCK_OPS_PROG, SlotRef,
 };
+
+mod egress;
+mod links;
 
 use super::{
     ActivityError,
@@ -61,8 +66,13 @@ use super::{
 /// Where bpffs is mounted on every distribution lull knows.
 pub(crate) const BPFFS: &str = "/sys/fs/bpf";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-/// The programs lull attaches, by the suffix of their pin and link names.
+/// The programs lull attaches to every cgroup it uses, by the suffix of their pin and link
+/// names.
 const PROGRAMS: [(&str, &str); 2] = [("ingress", INGRESS_PROG), ("sock_ops", SOCK_OPS_PROG)];
+/// The suffix of the egress program's pin and link names (UDP only, attached lazily).
+const EGRESS: &str = "egress";
+/// Every link a cgroup may have.
+const LINK_SUFFIXES: [&str; 3] = ["ingress", "sock_ops", EGRESS];
 
 /// The name of one build's pins: `engine-` and 16 hex digits of the object's FNV-1a hash.
 pub(crate) fn instance_name(object: &[u8]) -> String {
@@ -80,6 +90,7 @@ pub(crate) struct PinnedObject {
     record: Option<UserRecord>,
     ingress: CgroupSkb,
     sock_ops: SockOps,
+    egress: CgroupSkb,
     pub(crate) slots: SkStorage<MapData, SlotRef>,
     pub(crate) activity: MapData,
     pub(crate) notices: MapData,
@@ -88,6 +99,10 @@ pub(crate) struct PinnedObject {
     pub(crate) logger: Option<EbpfLogger<&'static dyn log::Log>>,
     /// Cgroups this user attached to (or found covered), by id.
     cgroups: Vec<u64>,
+    /// The cgroup whose links the last [`attach`](PinnedObject::attach) uses: id and path.
+    covering: Option<(u64, PathBuf)>,
+    /// Cgroups on which this user relies on the egress link, by id.
+    egress_cgroups: Vec<u64>,
 }
 
 impl PinnedObject {
@@ -121,6 +136,9 @@ impl PinnedObject {
         let ingress_path = dir.join("prog_ingress");
         let ingress = CgroupSkb::from_pin(&ingress_path, CgroupSkbAttachType::Ingress)
             .map_err(|e| pin_error("opening", ingress_path.clone())(e.into()))?;
+        let egress_path = dir.join("prog_egress");
+        let egress = CgroupSkb::from_pin(&egress_path, CgroupSkbAttachType::Egress)
+            .map_err(|e| pin_error("opening", egress_path.clone())(e.into()))?;
         let sock_ops_path = dir.join("prog_sock_ops");
         let sock_ops = SockOps::from_pin(&sock_ops_path)
             .map_err(|e| pin_error("opening", sock_ops_path.clone())(e.into()))?;
@@ -163,12 +181,15 @@ impl PinnedObject {
             record: Some(record),
             ingress,
             sock_ops,
+            egress,
             slots,
             activity,
             notices,
             rows,
             logger,
             cgroups: Vec::new(),
+            covering: None,
+            egress_cgroups: Vec::new(),
         })
     }
 
@@ -208,6 +229,7 @@ impl PinnedObject {
                 );
             }
         }
+        self.covering = Some((covering_id, covering_path.clone()));
         if !self.cgroups.contains(&covering_id) {
             self.cgroups.push(covering_id);
             if let Some(record) = &mut self.record {
@@ -216,22 +238,7 @@ impl PinnedObject {
         }
         PROGRAMS
             .iter()
-            .map(|&(suffix, program)| {
-                let link =
-                    PinnedLink::from_pin(self.link_path(covering_id, suffix)).map_err(|e| {
-                        ActivityError::Pin {
-                            action: "opening",
-                            path: self.link_path(covering_id, suffix),
-                            source: e.into(),
-                        }
-                    })?;
-                let info = FdLink::from(link).info().map_err(|e| ActivityError::Pin {
-                    action: "reading",
-                    path: self.link_path(covering_id, suffix),
-                    source: e.into(),
-                })?;
-                WatchedLink::open(program, info.id())
-            })
+            .map(|&(suffix, program)| self.open_link(covering_id, suffix, program))
             .collect()
     }
 
@@ -241,13 +248,9 @@ impl PinnedObject {
 
     /// Whether both links of `cgroup` are pinned and still attached to a live cgroup.
     fn links_healthy(&self, cgroup: u64) -> bool {
-        PROGRAMS.iter().all(|&(suffix, program)| {
-            PinnedLink::from_pin(self.link_path(cgroup, suffix))
-                .ok()
-                .and_then(|link| FdLink::from(link).info().ok())
-                .and_then(|info| WatchedLink::open(program, info.id()).ok())
-                .is_some_and(|watched| watched.attached().unwrap_or(false))
-        })
+        PROGRAMS
+            .iter()
+            .all(|&(suffix, program)| self.link_healthy(cgroup, suffix, program))
     }
 
     fn attach_links(&mut self, cgroup: &Path, id: u64) -> Result<(), ActivityError> {
@@ -302,7 +305,7 @@ impl PinnedObject {
 
     /// Unpins `cgroup`'s links; once no fd holds them, the kernel detaches them.
     fn unpin_links(&self, cgroup: u64) {
-        for (suffix, _) in PROGRAMS {
+        for suffix in LINK_SUFFIXES {
             let _ = std::fs::remove_file(self.link_path(cgroup, suffix));
         }
     }
@@ -351,6 +354,12 @@ impl Drop for PinnedObject {
                     self.unpin_links(cgroup);
                 }
             }
+            // UDP's egress link goes with its last user, whoever else goes on using the cgroup.
+            for &cgroup in &self.egress_cgroups {
+                if !live.iter().any(|user| user.egress.contains(&cgroup)) {
+                    let _ = std::fs::remove_file(self.link_path(cgroup, EGRESS));
+                }
+            }
         }
         drop(setup);
     }
@@ -378,6 +387,7 @@ fn complete(dir: &Path) -> bool {
     [
         "prog_ingress",
         "prog_sock_ops",
+        "prog_egress",
         ACTIVITY_MAP,
         SLOTS_MAP,
         NOTICES_MAP,
@@ -434,6 +444,13 @@ fn make_pins(object: &[u8], rows: u32, dir: &Path) -> Result<(), ActivityError> 
     sock_ops
         .pin(dir.join("prog_sock_ops"))
         .map_err(pin(dir.join("prog_sock_ops")))?;
+    let egress: &mut CgroupSkb = program_mut(&mut ebpf, EGRESS_PROG)?;
+    egress
+        .load()
+        .map_err(|e| program_error(EGRESS_PROG, "loading", e))?;
+    egress
+        .pin(dir.join("prog_egress"))
+        .map_err(pin(dir.join("prog_egress")))?;
     for name in [ACTIVITY_MAP, SLOTS_MAP, NOTICES_MAP] {
         ebpf.map(name)
             .ok_or(ActivityError::MissingMap { name })?

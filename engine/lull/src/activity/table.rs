@@ -5,7 +5,7 @@ use std::{
     os::fd::{AsFd, BorrowedFd},
     path::Path,
     sync::{
-        Mutex, PoisonError,
+        Mutex, OnceLock, PoisonError,
         atomic::{AtomicBool, Ordering},
     },
 };
@@ -75,12 +75,15 @@ impl Default for TableOptions {
 /// (see [`pinned`](super::pinned)); each cgroup gets one attachment, made by its first user
 /// and removed by its last. A `cgroup_skb` ingress program stamps the table for registered
 /// sockets (and does one storage lookup, nothing more, for any other socket of the cgroup);
-/// a `sock_ops` program marks closes. Nothing runs on egress, and nothing at all for sockets
-/// outside the cgroup.
+/// a `sock_ops` program marks closes. Nothing runs on egress until a UDP flow is watched (see
+/// [`ActivityTable::observe_datagrams`]), and nothing at all for sockets outside the cgroup.
 pub struct ActivityTable {
     // Field order is drop order: the links' fds before the pins they keep alive, our rows
     // before the leases of their extents, and the pins before the cgroup they attach to.
     watched: Vec<WatchedLink>,
+    /// The egress link, once a UDP flow asked for it (`None` inside: attaching failed, and
+    /// UDP flows are left to their handles' own stamps).
+    egress: OnceLock<Option<WatchedLink>>,
     rows: Rows,
     notices: Notices,
     extents: RowExtents,
@@ -126,6 +129,7 @@ impl ActivityTable {
         );
         Ok(Self {
             watched,
+            egress: OnceLock::new(),
             rows,
             notices,
             extents,
@@ -192,6 +196,26 @@ impl ActivityTable {
         self.unregister(slot);
     }
 
+    /// Makes the programs see connected UDP sockets' traffic, attaching the egress program to
+    /// the cgroup now if no lull user has yet (a datagram's tx is only seen leaving). Returns
+    /// whether they can; `false` once attaching failed (for example after the process dropped
+    /// its privileges), and UDP flows then rely on their handles' own stamps. The engine calls
+    /// it at the first UDP flow; call it earlier to attach before dropping privileges.
+    pub fn observe_datagrams(&self) -> bool {
+        self.egress
+            .get_or_init(|| match self.pinned().attach_egress() {
+                Ok(link) => Some(link),
+                Err(err) => {
+                    tracing::warn!(
+                        "UDP flows are observed through their handles' send and receive calls \
+                         (the eBPF egress program could not be attached: {err})"
+                    );
+                    None
+                }
+            })
+            .is_some()
+    }
+
     /// Registers `fd` in a slot the caller allocated (engines allocate their own slots), with
     /// both stamps starting at `baseline_ns`.
     pub(crate) fn attach_slot(
@@ -200,15 +224,27 @@ impl ActivityTable {
         slot: Slot,
         baseline_ns: u64,
     ) -> Result<(), ActivityError> {
+        self.attach_slot_as(fd, slot, baseline_ns, SlotRef::STREAM)
+    }
+
+    /// [`attach_slot`](Self::attach_slot) for a socket of `kind` ([`SlotRef::STREAM`] or
+    /// [`SlotRef::DATAGRAM`]).
+    fn attach_slot_as(
+        &self,
+        fd: BorrowedFd<'_>,
+        slot: Slot,
+        baseline_ns: u64,
+        kind: u32,
+    ) -> Result<(), ActivityError> {
         // A previous lessee's notices are not this table's news.
         let at = self
             .extents
             .place(slot, |extent| self.notices.clear(extent))?;
         let row = self.rows.open(row_slot(at), baseline_ns)?;
-        let inserted = self
-            .pinned()
-            .slots
-            .insert(&fd, SlotRef::new(at.row, at.generation), 0);
+        let inserted =
+            self.pinned()
+                .slots
+                .insert(&fd, SlotRef::of_kind(at.row, at.generation, kind), 0);
         if let Err(source) = inserted {
             row.retire();
             return Err(ActivityError::Register {
@@ -243,7 +279,8 @@ impl ActivityTable {
 
     /// Checks that every program is still attached.
     pub fn verify_attached(&self) -> Result<(), ActivityError> {
-        for link in &self.watched {
+        let egress = self.egress.get().and_then(Option::as_ref);
+        for link in self.watched.iter().chain(egress) {
             if !link.attached()? {
                 self.detached.store(true, Ordering::Relaxed);
                 return Err(ActivityError::Detached {
@@ -268,7 +305,12 @@ impl ActivityTable {
 
     /// The kernel ids of the links that attach lull's programs (for `bpftool link show`).
     pub fn link_ids(&self) -> Vec<u32> {
-        self.watched.iter().map(|l| l.link_id).collect()
+        let egress = self.egress.get().and_then(Option::as_ref);
+        self.watched
+            .iter()
+            .chain(egress)
+            .map(|l| l.link_id)
+            .collect()
     }
 
     /// Where lull's programs and maps are pinned (for tools that load other programs of the
@@ -319,6 +361,23 @@ impl ActivitySource for ActivityTable {
     ) -> Result<(), ActivityError> {
         let fd = fd.ok_or(ActivityError::NoSocket)?;
         self.attach_slot(fd, slot, baseline_ns)
+    }
+
+    fn observe_datagrams(&self) -> bool {
+        ActivityTable::observe_datagrams(self)
+    }
+
+    fn attach_datagram(
+        &self,
+        fd: BorrowedFd<'_>,
+        slot: Slot,
+        baseline_ns: u64,
+    ) -> Result<bool, ActivityError> {
+        if !self.observe_datagrams() {
+            return Ok(false);
+        }
+        self.attach_slot_as(fd, slot, baseline_ns, SlotRef::DATAGRAM)?;
+        Ok(true)
     }
 
     fn detach(&self, slot: Slot, fd: Option<BorrowedFd<'_>>) {

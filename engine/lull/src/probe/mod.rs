@@ -3,4 +3,4 @@
 mod payload;
 pub(crate) mod ring;
 
-pub use payload::{MAX_PAYLOAD, Payload, PayloadError};
+pub use payload::{MAX_DATAGRAM_PAYLOAD, MAX_PAYLOAD, Payload, PayloadError};

@@ -9,6 +9,14 @@ use std::fmt;
 /// that large is almost certainly a mistake.
 pub const MAX_PAYLOAD: usize = 64;
 
+/// The largest payload lull sends in one datagram (UDP flows), and the longest expected reply.
+///
+/// 1,200 bytes is what QUIC (RFC 9000, section 14) requires every path to carry: the IPv6
+/// minimum MTU of 1,280 bytes, less the IPv6 and UDP headers, less room for a tunnel or two.
+/// A keepalive datagram larger than that may be fragmented or dropped on the very paths it is
+/// meant to keep open.
+pub const MAX_DATAGRAM_PAYLOAD: usize = 1200;
+
 /// A probe payload.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Payload {
@@ -35,6 +43,15 @@ pub enum PayloadError {
         text: String,
         /// What is wrong with it.
         why: &'static str,
+    },
+    /// A datagram payload (or expected reply) is longer than [`MAX_DATAGRAM_PAYLOAD`].
+    #[error(
+        "datagram payload is {len} bytes; the limit is {MAX_DATAGRAM_PAYLOAD} (what every path \
+         carries unfragmented)"
+    )]
+    DatagramTooLarge {
+        /// Its length.
+        len: usize,
     },
     /// A payload name lull does not know.
     #[error(
@@ -98,34 +115,33 @@ impl Payload {
         Self::named(&[0x89, 0x80, 0x6c, 0x75, 0x6c, 0x6c], "ws-client")
     }
 
+    /// Arbitrary bytes for a datagram flow, up to [`MAX_DATAGRAM_PAYLOAD`].
+    pub fn datagram(bytes: &[u8]) -> Result<Self, PayloadError> {
+        if bytes.is_empty() {
+            return Err(PayloadError::Empty);
+        }
+        if bytes.len() > MAX_DATAGRAM_PAYLOAD {
+            return Err(PayloadError::DatagramTooLarge { len: bytes.len() });
+        }
+        Ok(Self {
+            bytes: bytes.into(),
+            name: "hex",
+        })
+    }
+
+    /// Parses a datagram payload: `hex:...` up to [`MAX_DATAGRAM_PAYLOAD`] bytes, or a
+    /// ready-made name (as [`Payload::parse`]).
+    pub fn parse_datagram(text: &str) -> Result<Self, PayloadError> {
+        match text.strip_prefix("hex:") {
+            Some(hex) => Self::datagram(&hex_bytes(hex, MAX_DATAGRAM_PAYLOAD)?),
+            None => Self::parse(text),
+        }
+    }
+
     /// Parses `hex:...` text (pairs of hex digits; spaces, `:` and `_` between bytes are
     /// allowed).
     pub fn from_hex(text: &str) -> Result<Self, PayloadError> {
-        let bad = |why| PayloadError::BadHex {
-            text: text.chars().take(80).collect(),
-            why,
-        };
-        let nibble = |d: u8| match d {
-            b'0'..=b'9' => Some(d - b'0'),
-            b'a'..=b'f' => Some(d - b'a' + 10),
-            b'A'..=b'F' => Some(d - b'A' + 10),
-            _ => None,
-        };
-        let digits = text
-            .bytes()
-            .filter(|b| !matches!(b, b' ' | b':' | b'_'))
-            .map(|b| nibble(b).ok_or_else(|| bad("contains a character that is not a hex digit")))
-            .collect::<Result<Vec<u8>, _>>()?;
-        if digits.len() % 2 == 1 {
-            return Err(bad("odd number of hex digits"));
-        }
-        if digits.len() / 2 > MAX_PAYLOAD {
-            return Err(PayloadError::TooLarge {
-                len: digits.len() / 2,
-            });
-        }
-        let bytes: Vec<u8> = digits.chunks_exact(2).map(|p| p[0] << 4 | p[1]).collect();
-        Self::bytes(&bytes)
+        Self::bytes(&hex_bytes(text, MAX_PAYLOAD)?)
     }
 
     /// The ready-made payload called `name`, or `hex:...`.
@@ -159,6 +175,37 @@ impl Payload {
     pub fn name(&self) -> &'static str {
         self.name
     }
+}
+
+/// The bytes of `hex:` text (its part after `hex:`), refusing more than `limit`.
+fn hex_bytes(text: &str, limit: usize) -> Result<Vec<u8>, PayloadError> {
+    let bad = |why| PayloadError::BadHex {
+        text: text.chars().take(80).collect(),
+        why,
+    };
+    let nibble = |d: u8| match d {
+        b'0'..=b'9' => Some(d - b'0'),
+        b'a'..=b'f' => Some(d - b'a' + 10),
+        b'A'..=b'F' => Some(d - b'A' + 10),
+        _ => None,
+    };
+    let digits = text
+        .bytes()
+        .filter(|b| !matches!(b, b' ' | b':' | b'_'))
+        .map(|b| nibble(b).ok_or_else(|| bad("contains a character that is not a hex digit")))
+        .collect::<Result<Vec<u8>, _>>()?;
+    if digits.len() % 2 == 1 {
+        return Err(bad("odd number of hex digits"));
+    }
+    let len = digits.len() / 2;
+    if len > limit {
+        return Err(if limit > MAX_PAYLOAD {
+            PayloadError::DatagramTooLarge { len }
+        } else {
+            PayloadError::TooLarge { len }
+        });
+    }
+    Ok(digits.chunks_exact(2).map(|p| p[0] << 4 | p[1]).collect())
 }
 
 impl fmt::Debug for Payload {
@@ -230,6 +277,36 @@ mod tests {
             Payload::parse("pingme"),
             Err(PayloadError::Unknown(_))
         ));
+    }
+
+    #[test]
+    fn datagram_payloads_go_up_to_1200_bytes() {
+        let at = |n: usize| format!("hex:{}", "ab".repeat(n));
+        assert_eq!(
+            Payload::parse_datagram(&at(MAX_DATAGRAM_PAYLOAD))
+                .unwrap()
+                .as_bytes()
+                .len(),
+            MAX_DATAGRAM_PAYLOAD
+        );
+        assert_eq!(
+            Payload::parse_datagram(&at(MAX_DATAGRAM_PAYLOAD + 1)),
+            Err(PayloadError::DatagramTooLarge {
+                len: MAX_DATAGRAM_PAYLOAD + 1
+            })
+        );
+        assert_eq!(
+            Payload::parse(&at(MAX_PAYLOAD + 1)),
+            Err(PayloadError::TooLarge {
+                len: MAX_PAYLOAD + 1
+            }),
+            "TCP's limit is unchanged"
+        );
+        assert_eq!(Payload::parse_datagram("hex:"), Err(PayloadError::Empty));
+        assert_eq!(
+            Payload::parse_datagram("redis").unwrap(),
+            Payload::redis_ping()
+        );
     }
 }
 

@@ -73,6 +73,27 @@ impl ProbeRing {
         self.push(&sqe)
     }
 
+    /// Queues a `SENDMSG` of `msg` on `fd`, with the flags and for the reasons of
+    /// [`ProbeRing::push_send`]: a datagram to the address in `msg.msg_name`, for a socket
+    /// that is not connected (one per-peer flow among several on the socket).
+    ///
+    /// # Safety
+    ///
+    /// `msg`, and the address and buffers it points to, must stay valid and unchanged until
+    /// [`ProbeRing::submit`] returns.
+    pub(crate) unsafe fn push_sendmsg(
+        &mut self,
+        fd: RawFd,
+        msg: *const libc::msghdr,
+        tag: u64,
+    ) -> bool {
+        let sqe = opcode::SendMsg::new(types::Fd(fd), msg)
+            .flags(libc::MSG_NOSIGNAL as u32 | libc::MSG_DONTWAIT as u32)
+            .build()
+            .user_data(tag);
+        self.push(&sqe)
+    }
+
     /// Queues a `RECV` of up to `len` bytes into `buf`, `MSG_DONTWAIT` for the same reason as
     /// [`ProbeRing::push_send`]: it completes within `submit`, with `-EAGAIN` if nothing waits.
     ///
@@ -95,8 +116,8 @@ impl ProbeRing {
     }
 
     fn push(&mut self, sqe: &io_uring::squeue::Entry) -> bool {
-        // SAFETY: the entry refers to no memory beyond what the caller of `push_send`
-        // guaranteed, and a Nop refers to none.
+        // SAFETY: the entry refers to no memory beyond what the caller of `push_send`,
+        // `push_sendmsg` or `push_recv` guaranteed, and a Nop refers to none.
         let pushed = unsafe { self.ring.submission().push(sqe) }.is_ok();
         if pushed {
             self.queued += 1;

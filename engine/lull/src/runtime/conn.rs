@@ -17,7 +17,10 @@ use crate::{
     wheel::TimerKey,
 };
 
-use super::events::{CloseReason, DeadTier};
+use super::{
+    events::{CloseReason, DeadTier},
+    flow::FlowKind,
+};
 
 /// The engine thread's record of one connection. 24 bytes: with the wheel entry (24), the
 /// shared slot word (4) and the shared statistics (12), a connection costs 64 bytes of engine
@@ -135,10 +138,12 @@ pub(crate) struct CompiledPolicy {
     pub(crate) probe: ProbeKind,
     pub(crate) min_spacing_ns: u64,
     pub(crate) drain: bool,
+    /// What the flows of this policy are (a policy is compiled once per kind).
+    pub(crate) flow: FlowKind,
 }
 
 impl CompiledPolicy {
-    pub(crate) fn new(policy: &Policy, payload: u16) -> Self {
+    pub(crate) fn new(policy: &Policy, payload: u16, flow: FlowKind) -> Self {
         let ns = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         let idle_ns = ns(policy.idle);
         let interval_ns = ns(policy.interval);
@@ -168,7 +173,30 @@ impl CompiledPolicy {
             },
             min_spacing_ns: ns(policy.min_probe_spacing),
             drain: policy.drain,
+            flow,
         }
+    }
+
+    /// The first arm of a keep-warm flow watched at `now`.
+    pub(crate) fn keep_warm_arm(&self, now: u64) -> Arm {
+        let window = self.keep_warm_window();
+        if self.flow.is_datagram() {
+            // Never before `interval`: the window is late (see `keep_warm_datagram`).
+            Arm {
+                at: now + self.interval_ns + window,
+                early: window,
+            }
+        } else {
+            Arm {
+                at: now + self.interval_ns,
+                early: window,
+            }
+        }
+    }
+
+    /// The slack of a keep-warm arm after traffic: the jitter, at most half an interval.
+    fn keep_warm_window(&self) -> u64 {
+        self.jitter_ns.min(self.interval_ns / 2)
     }
 
     /// When a kernel-probed connection can first have been declared dead by the kernel.
@@ -301,12 +329,13 @@ pub(crate) fn decide(
             (a.last_rx_ns.max(a.last_tx_ns) + p.kernel_verdict_ns()).max(now + p.interval_ns)
                 + KERNEL_VERDICT_SLACK_NS,
         )),
+        (Mode::KeepWarm, _) if p.flow.is_datagram() => keep_warm_datagram(c, p, a, now, base),
         (Mode::KeepWarm, _) => {
             // Our own probes are tx too, so this is "one probe per interval of tx silence";
             // the mark covers sources whose tx stamp is coarser than a probe.
             let due = Arm {
                 at: a.last_tx_ns.max(c.mark()) + p.interval_ns,
-                early: p.jitter_ns.min(p.interval_ns / 2),
+                early: p.keep_warm_window(),
             };
             if due.reached(now) {
                 c.set_mark(now);
@@ -384,6 +413,47 @@ pub(crate) fn decide(
                 Verdict::Rearm(interval)
             }
         }
+    }
+}
+
+/// How long after our own keep-warm datagram its tx stamp may land: the egress program stamps
+/// it as it leaves, up to a turn's work (a few ms) after the tick the decision was made on. A
+/// stamp this close to the mark is taken for our datagram, not the application's.
+pub(crate) const OWN_DATAGRAM_ECHO_NS: u64 = 50_000_000;
+
+/// Keep-warm for a UDP flow: a datagram only once nothing was sent to the peer for
+/// `interval`, as WireGuard's persistent keepalive does. Unlike a TCP connection's keep-warm
+/// window, which is centred on the interval, this one is late: the application's own
+/// datagrams, however close to the interval, never draw a keep-warm datagram. So the first
+/// keep-warm datagram after the application's last goes out between `interval` and
+/// `interval + window` after it (the window spreads flows that fell silent together), and then
+/// one every `interval` exactly, as a fixed-period sender would.
+///
+/// The mark is our last keep-warm datagram (or the watch), on the tick grid. A tx stamp within
+/// [`OWN_DATAGRAM_ECHO_NS`] of it is that datagram itself, seen leaving by the egress program;
+/// a later one is the application's.
+fn keep_warm_datagram(
+    c: &mut ConnState,
+    p: &CompiledPolicy,
+    a: &Activity,
+    now: u64,
+    base: u64,
+) -> Verdict {
+    let own = c.mark();
+    let due = if a.last_tx_ns > own + OWN_DATAGRAM_ECHO_NS {
+        let window = p.keep_warm_window();
+        Arm {
+            at: a.last_tx_ns + p.interval_ns + window,
+            early: window,
+        }
+    } else {
+        Arm::exact(own + p.interval_ns)
+    };
+    if due.reached(now) {
+        c.set_mark(base);
+        Verdict::Probe(Arm::exact(base + p.interval_ns))
+    } else {
+        Verdict::Rearm(due)
     }
 }
 
@@ -482,5 +552,7 @@ pub(crate) fn decide_tiered(
 /// with jiffy resolution and may fire late under load.
 const KERNEL_VERDICT_SLACK_NS: u64 = 250_000_000;
 
+#[cfg(test)]
+mod datagram_tests;
 #[cfg(test)]
 mod tests;

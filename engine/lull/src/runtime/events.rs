@@ -244,6 +244,16 @@ pub struct EngineStats {
     pub max_loop_cpu_us: u64,
     /// The most probes sent in one tick (bounded by `max_probes_per_tick`).
     pub max_probes_per_tick: u64,
+    /// UDP flows watched now (also counted in `watched`).
+    pub datagram_flows: u64,
+    /// Of those, the flows seen through their handles' calls ([`Observer::Wrapper`]); the
+    /// rest are seen by the eBPF programs.
+    ///
+    /// [`Observer::Wrapper`]: crate::Observer::Wrapper
+    pub datagram_flows_wrapper: u64,
+    /// Probes (keep-warm or liveness datagrams) sent to UDP flows (also counted in
+    /// `probes_sent`).
+    pub datagram_probes_sent: u64,
     /// The activity source in use.
     pub source: Option<SourceKind>,
 }
@@ -272,6 +282,9 @@ impl EngineStats {
         self.max_loop_us = self.max_loop_us.max(other.max_loop_us);
         self.max_loop_cpu_us = self.max_loop_cpu_us.max(other.max_loop_cpu_us);
         self.max_probes_per_tick = self.max_probes_per_tick.max(other.max_probes_per_tick);
+        self.datagram_flows += other.datagram_flows;
+        self.datagram_flows_wrapper += other.datagram_flows_wrapper;
+        self.datagram_probes_sent += other.datagram_probes_sent;
         self.source = self.source.or(other.source);
     }
 }
@@ -335,6 +348,9 @@ pub(crate) struct Counters {
     pub(crate) max_loop_us: AtomicU64,
     pub(crate) max_loop_cpu_us: AtomicU64,
     pub(crate) max_probes_per_tick: AtomicU64,
+    pub(crate) datagram_flows: AtomicU64,
+    pub(crate) datagram_flows_wrapper: AtomicU64,
+    pub(crate) datagram_probes_sent: AtomicU64,
 }
 
 impl Counters {
@@ -362,6 +378,9 @@ impl Counters {
             max_loop_us: get(&self.max_loop_us),
             max_loop_cpu_us: get(&self.max_loop_cpu_us),
             max_probes_per_tick: get(&self.max_probes_per_tick),
+            datagram_flows: get(&self.datagram_flows),
+            datagram_flows_wrapper: get(&self.datagram_flows_wrapper),
+            datagram_probes_sent: get(&self.datagram_probes_sent),
             source: Some(source),
         }
     }

@@ -12,7 +12,8 @@ use crate::{
 };
 
 use super::{
-    Engine, EngineBuilder, EngineError, EngineStats, Event, VirtualConn, WatchError, Watched,
+    Engine, EngineBuilder, EngineError, EngineStats, Event, Observer, PeerSocket, VirtualConn,
+    WatchError, Watched, WatchedPeer,
 };
 
 /// Configures an [`EngineGroup`].
@@ -121,6 +122,21 @@ impl EngineGroup {
             return engine.watch(stream.take().expect("taken once"), policy);
         }
         Err(last.unwrap_or(WatchError::EngineStopped))
+    }
+
+    /// Watches `peer` of `socket` on one of the engines (see [`Engine::watch_peer`]).
+    pub fn watch_peer(
+        &self,
+        socket: &PeerSocket,
+        peer: std::net::SocketAddr,
+        policy: &Policy,
+    ) -> Result<WatchedPeer, WatchError> {
+        self.pick().watch_peer(socket, peer, policy)
+    }
+
+    /// Gets the shared source ready for UDP flows (see [`Engine::observe_datagrams`]).
+    pub fn observe_datagrams(&self) -> Observer {
+        self.engines[0].observe_datagrams()
     }
 
     /// Watches a simulated connection on one of the engines (see [`Engine::watch_virtual`]).

@@ -2,8 +2,10 @@
 
 mod conn;
 mod events;
+mod flow;
 mod group;
 mod shared;
+mod udp;
 mod watched;
 mod worker;
 
@@ -15,7 +17,9 @@ use std::{
 };
 
 pub use events::{CloseReason, ConnId, ConnStats, DeadTier, EngineStats, Event};
+pub use flow::Observer;
 pub use group::{EngineGroup, GroupBuilder};
+pub use udp::{PeerSocket, WatchedPeer};
 pub use watched::{VirtualConn, WatchError, Watched};
 
 use crate::{
@@ -26,10 +30,11 @@ use crate::{
     clock::monotonic_ns,
     policy::{Policy, Probe},
     probe::ring::ProbeRing,
-    socket::{check_socket, enable_kernel_keepalive},
+    socket::{SocketKind, check_socket, enable_kernel_keepalive},
 };
 
 use self::{
+    flow::FlowRequest,
     shared::{Command, PolicyRegistry, Shared, watched_sockets, zeroed_stats},
     watched::Registration,
     worker::{VIRTUAL_FD, Worker, WorkerConfig},
@@ -292,6 +297,7 @@ impl EngineBuilder {
             policies: Mutex::new(PolicyRegistry::default()),
             slot_base,
             thread_id: Default::default(),
+            datagram_rows: Default::default(),
         });
         let ring = ProbeRing::new(self.max_probes_per_tick).map_err(EngineError::Ring)?;
         let tick_ns = u64::try_from(self.tick.as_nanos()).unwrap_or(1_000_000);
@@ -349,18 +355,39 @@ impl Engine {
     /// Starts watching `stream` with `policy`. The returned handle owns the stream; drop it
     /// (or call [`Watched::into_inner`]) to stop.
     ///
-    /// Refuses anything but a connected TCP socket not already watched in this process, with
-    /// a [`WatchError`] that says what it got instead.
+    /// `stream` is a connected TCP socket, or a connected UDP socket: a UDP flow, whose
+    /// datagrams the eBPF source sees whatever sends them, and otherwise only those through the
+    /// handle's [`send`](Watched::send) and [`recv`](Watched::recv) ([`Watched::observer`]
+    /// says which). For an unconnected UDP socket, see [`Engine::watch_peer`].
+    ///
+    /// Refuses anything else, and a socket already watched in this process, with a
+    /// [`WatchError`] that says what it got instead.
     pub fn watch<T: AsFd>(&self, stream: T, policy: &Policy) -> Result<Watched<T>, WatchError> {
         policy.validate()?;
         let fd = stream.as_fd();
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
         let identity = check_socket(fd)?;
+        let request = match identity.kind {
+            SocketKind::Stream => {
+                policy.validate_stream()?;
+                FlowRequest::Stream
+            }
+            SocketKind::ConnectedDatagram => {
+                policy.validate_datagram(false)?;
+                FlowRequest::Connected
+            }
+            SocketKind::UnconnectedDatagram => return Err(WatchError::UnconnectedUdp(raw)),
+        };
         if !watched_sockets().insert(identity.inode) {
-            return Err(WatchError::AlreadyWatched(std::os::fd::AsRawFd::as_raw_fd(
-                &fd,
-            )));
+            return Err(WatchError::AlreadyWatched(raw));
         }
-        let registration = self.register(Some(fd), policy, Some(identity.inode), monotonic_ns());
+        let registration = self.register(
+            Some(fd),
+            policy,
+            Some(identity.inode),
+            monotonic_ns(),
+            request,
+        );
         match registration {
             Ok(registration) => Ok(Watched::new(stream, registration)),
             Err(err) => {
@@ -385,7 +412,7 @@ impl Engine {
         if policy.probe == Probe::Kernel {
             return Err(WatchError::Activity(ActivityError::NoSocket));
         }
-        self.register(None, policy, None, last_activity_ns)
+        self.register(None, policy, None, last_activity_ns, FlowRequest::Stream)
             .map(VirtualConn::new)
     }
 
@@ -395,6 +422,7 @@ impl Engine {
         policy: &Policy,
         inode: Option<u64>,
         now_ns: u64,
+        request: FlowRequest,
     ) -> Result<Registration, WatchError> {
         let shared = &self.shared;
         // The thread owns the command receiver: once it has finished, nothing reads commands.
@@ -407,9 +435,6 @@ impl Engine {
         {
             enable_kernel_keepalive(fd, policy)?;
         }
-        let policy_id = shared
-            .policy_id(policy)
-            .ok_or(WatchError::TooManyPolicies)?;
         let slot = shared
             .slots
             .alloc()
@@ -421,19 +446,31 @@ impl Engine {
             .ok_or(WatchError::Full {
                 capacity: shared.slots.capacity(),
             })?;
-        if let Err(err) = shared.source().attach(fd, slot, now_ns) {
-            shared.slots.free(slot);
-            return Err(err.into());
-        }
-        if let Some(cell) = shared.stats_cell(slot) {
-            cell.reset();
-        }
-        let raw = fd.map_or(VIRTUAL_FD, |fd| std::os::fd::AsRawFd::as_raw_fd(&fd));
+        let flow = match flow::attach(shared, fd, slot, now_ns, request) {
+            Ok(flow) => flow,
+            Err(err) => {
+                shared.slots.free(slot);
+                return Err(err);
+            }
+        };
+        // Once attached, the registration undoes it if anything below fails.
         let registration = Registration {
             shared: shared.clone(),
             slot,
             inode,
+            flow,
         };
+        let policy_id = match shared.policy_id(policy, flow) {
+            Some(id) => id,
+            None => {
+                registration.abandon(fd);
+                return Err(WatchError::TooManyPolicies);
+            }
+        };
+        if let Some(cell) = shared.stats_cell(slot) {
+            cell.reset();
+        }
+        let raw = fd.map_or(VIRTUAL_FD, |fd| std::os::fd::AsRawFd::as_raw_fd(&fd));
         shared
             .commands
             .send(Command::Watch {
@@ -441,6 +478,10 @@ impl Engine {
                 fd: raw,
                 policy: policy_id,
                 now_ns,
+                dest: match request {
+                    FlowRequest::Addressed(peer) => Some(peer),
+                    FlowRequest::Stream | FlowRequest::Connected => None,
+                },
             })
             .map_err(|_| WatchError::EngineStopped)?;
         Ok(registration)

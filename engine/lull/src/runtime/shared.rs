@@ -13,19 +13,23 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    net::SocketAddr,
     os::fd::RawFd,
     sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock},
     time::Duration,
 };
 
 use crate::{
-    activity::{ActivitySource, Slot, SlotAllocator, SourceKind},
+    activity::{Activity, ActivitySource, Rows, Slot, SlotAllocator, SourceKind},
+    clock::monotonic_ns,
     policy::{ActivityMode, Mode, OnDead, Policy, Probe},
+    probe::Payload,
 };
 
 use super::{
     Event,
     events::{ConnStatsCell, Counters},
+    flow::FlowKind,
 };
 
 /// Index of a policy in an engine's policy table.
@@ -33,14 +37,20 @@ pub(crate) type PolicyId = u16;
 
 /// A request from a handle (or the engine's owner) to the engine thread.
 pub(crate) enum Command {
-    /// A new policy; always sent before the first command that refers to it.
-    AddPolicy { id: PolicyId, policy: Box<Policy> },
-    /// Start watching `slot`.
+    /// A new policy, for flows of `flow`; always sent before the first command that refers
+    /// to it.
+    AddPolicy {
+        id: PolicyId,
+        policy: Box<Policy>,
+        flow: FlowKind,
+    },
+    /// Start watching `slot`; `dest` is the peer of a flow on an unconnected UDP socket.
     Watch {
         slot: Slot,
         fd: RawFd,
         policy: PolicyId,
         now_ns: u64,
+        dest: Option<SocketAddr>,
     },
     /// The handle was dropped: forget `slot` and free it.
     Unwatch { slot: Slot },
@@ -74,10 +84,12 @@ struct PolicyKey {
     spacing: Duration,
     drain: bool,
     hung_after: Option<Duration>,
+    expect_reply: Option<Payload>,
+    flow: FlowKind,
 }
 
 impl PolicyKey {
-    fn of(p: &Policy) -> Self {
+    fn of(p: &Policy, flow: FlowKind) -> Self {
         Self {
             idle: p.idle,
             interval: p.interval,
@@ -90,6 +102,8 @@ impl PolicyKey {
             spacing: p.min_probe_spacing,
             drain: p.drain,
             hung_after: p.hung_after,
+            expect_reply: p.expect_reply.clone(),
+            flow,
         }
     }
 }
@@ -101,9 +115,10 @@ pub(crate) struct PolicyRegistry {
 }
 
 impl PolicyRegistry {
-    /// The id of `policy`, and whether it is new (and must be sent to the engine thread).
-    pub(crate) fn intern(&mut self, policy: &Policy) -> Option<(PolicyId, bool)> {
-        let key = PolicyKey::of(policy);
+    /// The id of `policy` for flows of `flow`, and whether it is new (and must be sent to the
+    /// engine thread).
+    pub(crate) fn intern(&mut self, policy: &Policy, flow: FlowKind) -> Option<(PolicyId, bool)> {
+        let key = PolicyKey::of(policy, flow);
         if let Some(&id) = self.ids.get(&key) {
             return Some((id, false));
         }
@@ -129,6 +144,10 @@ pub(crate) struct Shared {
     pub(crate) slot_base: u32,
     /// The engine thread's kernel thread id, once it runs (for per-thread CPU accounting).
     pub(crate) thread_id: std::sync::atomic::AtomicI32,
+    /// Rows of UDP flows in this process's memory, by local slot index, stamped by their
+    /// handles' send and receive calls (see `flow`). Made at the first UDP flow: an engine
+    /// with TCP connections alone never has them.
+    pub(crate) datagram_rows: OnceLock<Rows>,
 }
 
 impl Shared {
@@ -152,18 +171,68 @@ impl Shared {
             .get(slot.index.checked_sub(self.slot_base)? as usize)
     }
 
-    /// Interns `policy` and, if it is new, sends it to the engine thread before returning, so
-    /// that no command can refer to an id the thread has not seen.
-    pub(crate) fn policy_id(&self, policy: &Policy) -> Option<PolicyId> {
+    /// Interns `policy` for flows of `flow` and, if it is new, sends it to the engine thread
+    /// before returning, so that no command can refer to an id the thread has not seen.
+    pub(crate) fn policy_id(&self, policy: &Policy, flow: FlowKind) -> Option<PolicyId> {
         let mut registry = self.policies.lock().unwrap_or_else(PoisonError::into_inner);
-        let (id, new) = registry.intern(policy)?;
+        let (id, new) = registry.intern(policy, flow)?;
         if new {
             let _ = self.commands.send(Command::AddPolicy {
                 id,
                 policy: Box::new(policy.clone()),
+                flow,
             });
         }
         Some(id)
+    }
+
+    /// `slot` as the datagram rows index it (by local index).
+    fn datagram_slot(&self, slot: Slot) -> Option<Slot> {
+        Some(Slot {
+            index: slot.index.checked_sub(self.slot_base)?,
+            generation: slot.generation,
+        })
+    }
+
+    /// Gives `slot` a datagram row, both stamps starting at `baseline_ns`.
+    pub(crate) fn open_datagram_row(&self, slot: Slot, baseline_ns: u64) {
+        let rows = self
+            .datagram_rows
+            .get_or_init(|| Rows::heap(self.slots.capacity() as usize));
+        if let Some(local) = self.datagram_slot(slot) {
+            // A local index is below the capacity the rows were made with: it cannot fail.
+            let _ = rows.open(local, baseline_ns);
+        }
+    }
+
+    /// Retires `slot`'s datagram row, if it has one.
+    pub(crate) fn retire_datagram_row(&self, slot: Slot) {
+        if let (Some(rows), Some(local)) = (self.datagram_rows.get(), self.datagram_slot(slot)) {
+            rows.retire(local);
+        }
+    }
+
+    /// What `slot`'s handle stamped in its datagram row.
+    pub(crate) fn datagram_activity(&self, slot: Slot) -> Activity {
+        match (self.datagram_rows.get(), self.datagram_slot(slot)) {
+            (Some(rows), Some(local)) => rows.read(local),
+            _ => Activity::default(),
+        }
+    }
+
+    /// Stamps `slot`'s datagram row: a datagram went out (`tx`) or came in, now. Only the
+    /// flow's handle calls it, while the flow is watched.
+    pub(crate) fn stamp_datagram(&self, slot: Slot, tx: bool) {
+        if let (Some(rows), Some(local)) = (self.datagram_rows.get(), self.datagram_slot(slot))
+            && let Some(row) = rows.get(local.index)
+        {
+            let now = monotonic_ns();
+            if tx {
+                row.stamp_tx(now);
+            } else {
+                row.stamp_rx(now);
+            }
+        }
     }
 }
 

@@ -13,7 +13,8 @@ use crate::{
 };
 
 use super::{
-    ConnId, ConnStats,
+    ConnId, ConnStats, Observer,
+    flow::FlowKind,
     shared::{Command, Shared, watched_sockets},
 };
 
@@ -29,14 +30,35 @@ pub enum WatchError {
     /// The fd is not a socket.
     #[error("fd {0} is not a socket")]
     NotSocket(i32),
-    /// The socket is not TCP (e.g. UDP or a Unix socket); lull keeps TCP connections alive.
-    #[error("fd {fd} is a {kind} socket; lull watches TCP connections only")]
+    /// The socket is neither TCP nor UDP (e.g. a Unix socket); lull keeps TCP connections and
+    /// UDP flows alive.
+    #[error("fd {fd} is a {kind} socket; lull watches TCP connections and UDP flows only")]
     NotTcp {
         /// The fd.
         fd: i32,
         /// What it is instead.
         kind: &'static str,
     },
+    /// An unconnected UDP socket has no peer of its own to watch.
+    #[error(
+        "fd {0} is an unconnected UDP socket, which has no peer of its own: put it in a \
+         PeerSocket and watch each peer with Engine::watch_peer"
+    )]
+    UnconnectedUdp(i32),
+    /// A [`PeerSocket`](crate::PeerSocket) holds an unconnected UDP socket, and this is not one.
+    #[error(
+        "fd {fd} is {what}; a PeerSocket holds an unconnected UDP socket (watch a connected \
+         one with Engine::watch)"
+    )]
+    NotPeerSocket {
+        /// The fd.
+        fd: i32,
+        /// What it is instead.
+        what: &'static str,
+    },
+    /// This peer of the socket is already watched.
+    #[error("peer {0} of this socket is already watched")]
+    PeerAlreadyWatched(std::net::SocketAddr),
     /// The socket is listening; watch the connections it accepts instead.
     #[error("fd {0} is a listening socket; watch the accepted connections instead")]
     Listening(i32),
@@ -83,6 +105,7 @@ pub(crate) struct Registration {
     pub(crate) shared: Arc<Shared>,
     pub(crate) slot: Slot,
     pub(crate) inode: Option<u64>,
+    pub(crate) flow: FlowKind,
 }
 
 impl Registration {
@@ -109,14 +132,46 @@ impl Registration {
                 Some(SlotState::Dropped | SlotState::Free) | None => break,
             }
         }
-        self.shared.source().detach(self.slot, fd);
-        if let Some(inode) = self.inode {
-            watched_sockets().remove(&inode);
-        }
+        self.forget(fd);
         let _ = self
             .shared
             .commands
             .send(Command::Unwatch { slot: self.slot });
+    }
+
+    /// Undoes a registration the engine thread was never told of, and frees its slot.
+    pub(crate) fn abandon(&self, fd: Option<BorrowedFd<'_>>) {
+        self.forget(fd);
+        self.shared.slots.free(self.slot);
+    }
+
+    /// Stops every stamp of the flow: the source's (whose socket storage goes too, while `fd`
+    /// is open), the handle's own, and the process-wide claim on the socket.
+    fn forget(&self, fd: Option<BorrowedFd<'_>>) {
+        match self.flow {
+            FlowKind::Stream
+            | FlowKind::Datagram {
+                observer: Observer::Ebpf,
+                ..
+            } => self.shared.source().detach(self.slot, fd),
+            FlowKind::Datagram {
+                observer: Observer::Wrapper,
+                ..
+            } => {}
+        }
+        if self.flow.is_datagram() {
+            self.shared.retire_datagram_row(self.slot);
+        }
+        if let Some(inode) = self.inode {
+            watched_sockets().remove(&inode);
+        }
+    }
+
+    /// Notes a datagram of this flow: sent (`tx`) or received. Nothing for a TCP connection.
+    pub(crate) fn stamp(&self, tx: bool) {
+        if self.flow.is_datagram() {
+            self.shared.stamp_datagram(self.slot, tx);
+        }
     }
 
     pub(crate) fn id(&self) -> ConnId {
@@ -131,10 +186,13 @@ impl Registration {
     }
 
     pub(crate) fn set_policy(&self, policy: &Policy) -> Result<(), WatchError> {
-        policy.validate()?;
+        match self.flow {
+            FlowKind::Stream => policy.validate_stream()?,
+            FlowKind::Datagram { addressed, .. } => policy.validate_datagram(addressed)?,
+        }
         let id = self
             .shared
-            .policy_id(policy)
+            .policy_id(policy, self.flow)
             .ok_or(WatchError::TooManyPolicies)?;
         self.shared
             .commands
@@ -177,6 +235,16 @@ impl<T: AsFd> Watched<T> {
     /// Switches this connection to another policy. The engine re-evaluates it at once.
     pub fn set_policy(&self, policy: &Policy) -> Result<(), WatchError> {
         self.registration.set_policy(policy)
+    }
+
+    /// For a UDP flow, who sees its datagrams (see [`Observer`]); `None` for a TCP
+    /// connection, whose activity comes from the engine's source.
+    pub fn observer(&self) -> Option<Observer> {
+        self.registration.flow.observer()
+    }
+
+    pub(crate) fn registration(&self) -> &Registration {
+        &self.registration
     }
 
     /// Stops watching and gives the stream back.

@@ -13,7 +13,7 @@ fn policy(mode: Mode, activity: ActivityMode) -> CompiledPolicy {
         Mode::DetectDead => Policy::detect_dead(Duration::from_secs(30), Duration::from_secs(5), 3),
         Mode::KeepWarm => Policy::keep_warm(Duration::from_secs(25)),
     };
-    CompiledPolicy::new(&base.with_activity(activity), 0)
+    CompiledPolicy::new(&base.with_activity(activity), 0, FlowKind::Stream)
 }
 
 fn conn(phase: Phase, outstanding: u32, mark: u64) -> ConnState {
@@ -303,6 +303,7 @@ fn min_probe_spacing_defers_the_next_round() {
         &Policy::detect_dead(Duration::from_secs(30), Duration::from_secs(10), 3)
             .with_min_probe_spacing(Duration::from_secs(10)),
         0,
+        FlowKind::Stream,
     );
     let mut c = conn(Phase::Watching, 0, 125 * S);
     let got = decide(&mut c, &p, &act(100 * S, 0), 130 * S, 130 * S, 0);
@@ -349,6 +350,7 @@ fn kernel_mode_reports_the_kernels_verdict() {
         &Policy::detect_dead(Duration::from_secs(10), Duration::from_secs(2), 3)
             .with_probe(Probe::Kernel),
         0,
+        FlowKind::Stream,
     );
     let now = 200 * S;
     let cases = [
@@ -407,6 +409,7 @@ fn tiered() -> CompiledPolicy {
         &Policy::detect_dead(Duration::from_secs(10), Duration::from_secs(2), 3)
             .with_hung_after(Duration::from_secs(60)),
         0,
+        FlowKind::Stream,
     )
 }
 

@@ -4,7 +4,9 @@
 //! # Ground rules
 //!
 //! - Every request in the ring points into memory the batch owns: a probe payload, kept
-//!   unchanged for the engine's whole life, or the drain buffer, which nothing reads.
+//!   unchanged for the engine's whole life, the drain buffer, which nothing reads, or a
+//!   `sendmsg` header (with its address and iovec) in `messages`, which is neither moved nor
+//!   changed until the batch completes.
 //! - Every request completes within [`ProbeBatch::submit`] (they are all `MSG_DONTWAIT`):
 //!   after it, the kernel refers to no buffer and no fd of the batch.
 //! - A connection with a request in the batch keeps its slot `Busy` until the batch has
@@ -21,11 +23,81 @@ use crate::{
 use super::{
     super::{
         CloseReason, ConnId,
-        conn::{Arm, ConnState},
+        conn::{Arm, CompiledPolicy, ConnState},
         events::{bump, raise_to},
     },
     VIRTUAL_FD, Worker, release,
 };
+
+/// One `sendmsg` request: a datagram to one peer of an unconnected UDP socket. The header
+/// points at the address and the iovec next to it, and the iovec at a probe payload.
+#[repr(C)]
+struct PeerMessage {
+    header: libc::msghdr,
+    iov: libc::iovec,
+    addr: libc::sockaddr_storage,
+}
+
+/// The batch's `sendmsg` requests, in memory that stays put until the batch completes: the
+/// capacity is reserved once, and nothing is pushed past it.
+struct PeerMessages {
+    messages: Vec<PeerMessage>,
+    capacity: usize,
+}
+
+// SAFETY: the raw pointers inside point only into this same allocation (the address and the
+// iovec of each message) and into probe payloads the batch owns for the engine's life; the
+// batch moves to the engine thread once and is used only there.
+unsafe impl Send for PeerMessages {}
+
+impl PeerMessages {
+    fn new(capacity: usize) -> Self {
+        Self {
+            messages: Vec::new(),
+            capacity,
+        }
+    }
+
+    /// A header for `bytes` to `dest`, stable until [`clear`](Self::clear); `None` when the
+    /// batch already holds as many as it may.
+    fn push(&mut self, dest: &socket2::SockAddr, bytes: &[u8]) -> Option<*const libc::msghdr> {
+        if self.messages.len() >= self.capacity {
+            return None;
+        }
+        // Reserved once, in full: a push never reallocates, so earlier headers stay put.
+        if self.messages.capacity() < self.capacity {
+            self.messages.reserve_exact(self.capacity);
+        }
+        // SAFETY: all-zero is a valid msghdr, iovec and sockaddr_storage (null pointers, zero
+        // lengths, AF_UNSPEC).
+        self.messages.push(unsafe { std::mem::zeroed() });
+        let message = self.messages.last_mut()?;
+        let len = dest.len() as usize;
+        // SAFETY: `dest` holds `len` valid bytes of address, and `len` is at most the size of
+        // a sockaddr_storage, which `message.addr` is; the two do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                dest.as_ptr().cast::<u8>(),
+                (&raw mut message.addr).cast::<u8>(),
+                len.min(size_of::<libc::sockaddr_storage>()),
+            );
+        }
+        message.iov = libc::iovec {
+            iov_base: bytes.as_ptr().cast_mut().cast(),
+            iov_len: bytes.len(),
+        };
+        message.header.msg_name = (&raw mut message.addr).cast();
+        message.header.msg_namelen = dest.len();
+        message.header.msg_iov = &raw mut message.iov;
+        message.header.msg_iovlen = 1;
+        Some(&raw const message.header)
+    }
+
+    /// Forgets every message: only once no request refers to them.
+    fn clear(&mut self) {
+        self.messages.clear();
+    }
+}
 
 /// Bytes read per drain: a drained connection is read once per timer expiry.
 const DRAIN_BYTES: usize = 64 * 1024;
@@ -70,6 +142,8 @@ pub(super) struct ProbeBatch {
     /// Where drained bytes go. Nothing ever reads it, so concurrent kernel writes into it are
     /// harmless.
     drain_buf: Box<[u8]>,
+    /// The batch's datagrams to peers of unconnected sockets.
+    messages: PeerMessages,
     max_per_tick: u32,
     /// The tick being counted, and the probes queued in it so far.
     this_tick: (u64, u32),
@@ -86,6 +160,7 @@ impl ProbeBatch {
             completions: Vec::new(),
             results: Vec::new(),
             drain_buf: vec![0; DRAIN_BYTES].into_boxed_slice(),
+            messages: PeerMessages::new(max_per_tick as usize),
             max_per_tick,
             this_tick: (0, 0),
         }
@@ -122,14 +197,16 @@ impl ProbeBatch {
     }
 
     /// Queues the probe `payload` (or its unsent rest, after `conn.resume` bytes) for the
-    /// connection `local`. Returns false if nothing was queued, in which case the caller still
-    /// holds the slot and must release it.
+    /// connection `local`: a `SEND` on its socket, or a `SENDMSG` to `dest` for a peer of an
+    /// unconnected UDP socket. Returns false if nothing was queued, in which case the caller
+    /// still holds the slot and must release it.
     pub(super) fn push_probe(
         &mut self,
         local: usize,
         conn: &ConnState,
         payload: u16,
         undo: ConnState,
+        dest: Option<&socket2::SockAddr>,
     ) -> bool {
         let Some(bytes) = self.payloads.get(payload as usize) else {
             return false;
@@ -139,6 +216,14 @@ impl ProbeBatch {
         let tag = self.inflight.len() as u64;
         let queued = if conn.fd == VIRTUAL_FD {
             self.ring.push_nop(tag)
+        } else if let Some(dest) = dest {
+            match self.messages.push(dest, rest) {
+                // SAFETY: the header, its address and iovec stay in `messages` unchanged until
+                // `submit` has returned (they are cleared after it), and the iovec points into a
+                // payload, which never changes; the request completes within `submit`.
+                Some(message) => unsafe { self.ring.push_sendmsg(conn.fd, message, tag) },
+                None => false,
+            }
         } else {
             // SAFETY: `rest` is part of a payload, which stays in `self.payloads` unchanged for
             // the engine's whole life; the request completes within `submit`.
@@ -225,6 +310,8 @@ impl ProbeBatch {
             }
         }));
         self.inflight.clear();
+        // Every request has completed: nothing refers to the headers any more.
+        self.messages.clear();
         results
     }
 
@@ -261,12 +348,18 @@ impl Worker {
     fn complete(&mut self, done: &ProbeResult, now: u64) {
         let (local, undo) = (done.local, done.undo);
         let policy = self.policies[self.conns[local].policy as usize];
+        let datagram = policy.flow.is_datagram();
+        if datagram && done.result < 0 && done.result != -libc::EAGAIN {
+            self.datagram_failed(local, undo, &policy, -done.result, now);
+            return;
+        }
         match done.result {
-            n if n >= 0 && n as u32 >= done.len => {
+            // A datagram goes out whole or not at all.
+            n if n >= 0 && (n as u32 >= done.len || datagram) => {
                 self.conns[local].resume = 0;
                 // A finished rest completes a probe that was counted as not sent.
                 if undo.resume == 0 {
-                    self.count_sent(local);
+                    self.count_sent(local, &policy);
                 }
                 if self.conns[local].fd == VIRTUAL_FD
                     && let Some(slot) = self.shared.slots.slot_at(local as u32)
@@ -313,6 +406,34 @@ impl Worker {
                 self.rearm(local, Arm::exact(now + policy.interval_ns));
             }
         }
+    }
+
+    /// What a datagram probe that failed with `errno` means. UDP has no connection to lose: a
+    /// failure is a fact about the path or the peer, never a close.
+    fn datagram_failed(
+        &mut self,
+        local: usize,
+        undo: ConnState,
+        policy: &CompiledPolicy,
+        errno: i32,
+        now: u64,
+    ) {
+        if errno == libc::ECONNREFUSED {
+            // A connected socket reports an earlier datagram's ICMP "port unreachable" at its
+            // next send instead of sending. That clears it: the probe goes out at the next
+            // tick, uncounted.
+            self.restore(local, undo);
+            bump(&self.shared.counters.probes_deferred);
+            self.rearm(local, Arm::exact(now + self.placement.tick_ns()));
+            return;
+        }
+        // No route, filtered, and the like: to the peer it is a probe that never arrived, so
+        // it counts, and detect-dead reaches its verdict unless something answers.
+        tracing::debug!(
+            "datagram probe not sent: {}",
+            std::io::Error::from_raw_os_error(errno)
+        );
+        self.count_sent(local, policy);
     }
 
     /// Puts a connection back as it was before a probe that did not go out.

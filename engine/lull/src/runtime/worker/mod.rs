@@ -25,6 +25,8 @@ mod verdict;
 mod tests;
 
 use std::{
+    collections::HashMap,
+    net::SocketAddr,
     os::fd::{BorrowedFd, RawFd},
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
@@ -42,6 +44,7 @@ use self::{batch::ProbeBatch, placement::Placement};
 use super::{
     conn::{Arm, CompiledPolicy, ConnState, Phase, ProbeKind},
     events::{bump, drop_one, raise_to},
+    flow::{FlowKind, Observer},
     shared::{Command, Shared},
 };
 
@@ -97,6 +100,9 @@ pub(crate) struct Worker {
     capacity: u32,
     /// Connections the source noticed closing, by slot index; kept to reuse its allocation.
     noticed: Vec<u32>,
+    /// The peer of each flow on an unconnected UDP socket, by local slot index: where its
+    /// datagrams go. Only such flows have an entry.
+    destinations: HashMap<u32, socket2::SockAddr>,
 }
 
 impl Worker {
@@ -129,6 +135,7 @@ impl Worker {
             batch: ProbeBatch::new(ring, config.max_probes_per_tick),
             capacity: config.capacity,
             noticed: Vec::new(),
+            destinations: HashMap::new(),
         }
     }
 
@@ -205,13 +212,14 @@ impl Worker {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::AddPolicy { id, policy } => self.add_policy(id, &policy),
+            Command::AddPolicy { id, policy, flow } => self.add_policy(id, &policy, flow),
             Command::Watch {
                 slot,
                 fd,
                 policy,
                 now_ns,
-            } => self.watch(slot, fd, policy, now_ns),
+                dest,
+            } => self.watch(slot, fd, policy, now_ns, dest),
             Command::Unwatch { slot } => self.unwatch(slot),
             Command::SetPolicy { slot, policy } => {
                 let now_tick = self.placement.tick_of(monotonic_ns());
@@ -225,12 +233,12 @@ impl Worker {
         }
     }
 
-    fn add_policy(&mut self, id: u16, policy: &Policy) {
+    fn add_policy(&mut self, id: u16, policy: &Policy, flow: FlowKind) {
         let payload = match &policy.probe {
             Probe::Bytes(payload) => self.batch.intern_payload(payload.as_bytes()),
             Probe::Kernel | Probe::Callback => 0,
         };
-        let compiled = CompiledPolicy::new(policy, payload);
+        let compiled = CompiledPolicy::new(policy, payload, flow);
         let id = id as usize;
         if self.policies.len() <= id {
             self.policies.resize(id + 1, compiled);
@@ -249,7 +257,7 @@ impl Worker {
         self.conns.get_mut(local).filter(|c| c.fd != FREE_FD)
     }
 
-    fn watch(&mut self, slot: Slot, fd: RawFd, policy: u16, now: u64) {
+    fn watch(&mut self, slot: Slot, fd: RawFd, policy: u16, now: u64, dest: Option<SocketAddr>) {
         let Some(local) = self.local(slot) else {
             return;
         };
@@ -259,13 +267,7 @@ impl Worker {
         };
         let (phase, first) = match (p.probe, p.mode) {
             (ProbeKind::Kernel, _) => (Phase::Kernel, Arm::exact(now + p.kernel_verdict_ns())),
-            (_, Mode::KeepWarm) => (
-                Phase::Watching,
-                Arm {
-                    at: now + p.interval_ns,
-                    early: p.jitter_ns.min(p.interval_ns / 2),
-                },
-            ),
+            (_, Mode::KeepWarm) => (Phase::Watching, p.keep_warm_arm(now)),
             // Without timeout reports from the source, the kernel's verdict on the transport
             // is only seen when the engine looks, and the application tier's first probe may be
             // far later than the dead bound.
@@ -286,6 +288,31 @@ impl Worker {
         // Watched from now: what arrives later is news (the source's stamps start at `now`).
         self.conns[local].set_mark(now);
         bump(&self.shared.counters.watched);
+        self.gauge_flow(p.flow, true);
+        if let Some(dest) = dest {
+            self.destinations
+                .insert(local as u32, socket2::SockAddr::from(dest));
+        }
+    }
+
+    /// Keeps the UDP flow gauges in step with a flow watched (`up`) or no longer.
+    fn gauge_flow(&self, flow: FlowKind, up: bool) {
+        let counters = &self.shared.counters;
+        let gauges = match flow.observer() {
+            None => return,
+            Some(Observer::Ebpf) => [Some(&counters.datagram_flows), None],
+            Some(Observer::Wrapper) => [
+                Some(&counters.datagram_flows),
+                Some(&counters.datagram_flows_wrapper),
+            ],
+        };
+        for gauge in gauges.into_iter().flatten() {
+            if up {
+                bump(gauge);
+            } else {
+                drop_one(gauge);
+            }
+        }
     }
 
     fn unwatch(&mut self, slot: Slot) {
@@ -298,6 +325,10 @@ impl Worker {
             self.wheel.remove(old.timer);
             self.ungauge(old.phase());
             drop_one(&self.shared.counters.watched);
+            if let Some(p) = self.policies.get(old.policy as usize) {
+                self.gauge_flow(p.flow, false);
+            }
+            self.destinations.remove(&(local as u32));
         }
         if let Some(cell) = self.shared.stats.get(local) {
             cell.reset();
@@ -405,7 +436,7 @@ impl Worker {
             // a connection that closed since: nothing reads that stream any more.)
             if let ProbeKind::Bytes(payload) = p.probe {
                 self.rearm(local, Arm::exact(now + p.interval_ns));
-                queued = self.batch.push_probe(local, &c, payload, c);
+                queued = self.batch.push_probe(local, &c, payload, c, None);
             }
         }
         let mut arrived = false;

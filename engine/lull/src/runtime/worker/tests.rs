@@ -40,6 +40,7 @@ impl Bench {
             policies: Mutex::default(),
             slot_base: 0,
             thread_id: Default::default(),
+            datagram_rows: Default::default(),
         });
         let config = WorkerConfig {
             tick_ns: MS,
@@ -73,12 +74,14 @@ impl Bench {
         self.worker.handle(Command::AddPolicy {
             id: 0,
             policy: Box::new(policy.clone()),
+            flow: FlowKind::Stream,
         });
         self.worker.handle(Command::Watch {
             slot,
             fd: VIRTUAL_FD,
             policy: 0,
             now_ns: now,
+            dest: None,
         });
         slot
     }

@@ -11,7 +11,7 @@ use crate::{
 
 use super::{
     super::{
-        CloseReason, ConnId, DeadTier, Event,
+        CloseReason, ConnId, DeadTier, Event, Observer,
         conn::{
             Arm, CompiledPolicy, ConnState, Phase, ProbeKind, Verdict, decide, decide_kernel,
             decide_tiered,
@@ -52,7 +52,13 @@ impl Worker {
             Some(Ok(info)) => self.source.activity_from_tcp_info(info, now),
             _ => None,
         };
-        let read = snapshot.map_or_else(|| self.source.read(slot, fd), Ok);
+        let read = match p.flow.observer() {
+            // The handle's own stamps: the flow's chosen observer, or what is left of an eBPF
+            // one after the source failed (its datagram rows are stamped all along).
+            Some(Observer::Wrapper) => Ok(self.shared.datagram_activity(slot)),
+            Some(Observer::Ebpf) if self.source_failed => Ok(self.shared.datagram_activity(slot)),
+            _ => snapshot.map_or_else(|| self.source.read(slot, fd), Ok),
+        };
         let activity = match read {
             Ok(a) => a,
             Err(err) => {
@@ -114,13 +120,26 @@ impl Worker {
                 self.rearm(local, at);
                 match p.probe {
                     ProbeKind::Bytes(payload) => {
-                        return self
-                            .batch
-                            .push_probe(local, &self.conns[local], payload, before);
+                        let dest = if p.flow.is_addressed() {
+                            match self.destinations.get(&(local as u32)) {
+                                Some(dest) => Some(dest),
+                                // Cannot happen: the watch that made the flow named its peer.
+                                None => return false,
+                            }
+                        } else {
+                            None
+                        };
+                        return self.batch.push_probe(
+                            local,
+                            &self.conns[local],
+                            payload,
+                            before,
+                            dest,
+                        );
                     }
                     ProbeKind::Callback => {
                         self.emit(Event::ProbeDue { id });
-                        self.count_sent(local);
+                        self.count_sent(local, p);
                     }
                     ProbeKind::Kernel => {}
                 }
@@ -243,8 +262,11 @@ impl Worker {
         }
     }
 
-    pub(super) fn count_sent(&self, local: usize) {
+    pub(super) fn count_sent(&self, local: usize, p: &CompiledPolicy) {
         bump(&self.shared.counters.probes_sent);
+        if p.flow.is_datagram() {
+            bump(&self.shared.counters.datagram_probes_sent);
+        }
         if let Some(cell) = self.shared.stats.get(local) {
             cell.add_sent();
         }
