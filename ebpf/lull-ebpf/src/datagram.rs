@@ -1,4 +1,5 @@
-//! UDP: the egress program, and the stamp both directions of a datagram socket share.
+//! UDP: the egress program. (The stamp both directions of a datagram socket share is
+//! [`stamp`](crate::programs::stamp), beside the other row writes.)
 //!
 //! A TCP socket's sends show on ingress, as the peer's acknowledgements; a datagram is never
 //! acknowledged, so its tx can only be seen leaving. That is the one reason for an egress
@@ -11,23 +12,10 @@
 //! and the socket's storage remembers which jiffy, so a busy flow dirties the cache line the
 //! engine reads at most once per jiffy.
 
-use core::ptr;
-
-use aya_ebpf::{
-    helpers::generated::{bpf_jiffies64, bpf_ktime_get_ns},
-    macros::cgroup_skb,
-    programs::SkBuffContext,
-};
+use aya_ebpf::{helpers::generated::bpf_jiffies64, macros::cgroup_skb, programs::SkBuffContext};
 use lull_common::SlotRef;
 
-use crate::programs::{PASS, registered_entry, slot_ref};
-
-/// Which stamp a datagram moves.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Direction {
-    Rx,
-    Tx,
-}
+use crate::programs::{Direction, PASS, slot_ref, stamp};
 
 #[cgroup_skb]
 pub fn lull_egress(ctx: SkBuffContext) -> i32 {
@@ -51,27 +39,4 @@ pub fn lull_egress(ctx: SkBuffContext) -> i32 {
         stamp(st, now_j, Direction::Tx);
     }
     PASS
-}
-
-/// Writes the row's stamp for `direction` and remembers the jiffy in the socket's storage,
-/// unless the registration is gone (a stale generation).
-#[inline(always)]
-pub(crate) fn stamp(st: *mut SlotRef, now_j: u64, direction: Direction) {
-    let Some((entry, _, _)) = registered_entry(st) else {
-        return;
-    };
-    // SAFETY: the helper takes no arguments and cannot fail.
-    let now_ns = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: `entry` points into the array map's value area, valid for the whole program run;
-    // the fields are 8-byte aligned, so each store is one instruction, never torn. `st` is this
-    // socket's storage, valid for the whole program run.
-    unsafe {
-        if direction == Direction::Rx {
-            ptr::addr_of_mut!((*entry).last_rx_ns).write_volatile(now_ns);
-            (*st).rx_jiffies = now_j;
-        } else {
-            ptr::addr_of_mut!((*entry).last_tx_ns).write_volatile(now_ns);
-            (*st).tx_jiffies = now_j;
-        }
-    }
 }

@@ -21,8 +21,6 @@ use lull_common::{
     ActivityEntry, DEFAULT_TABLE_ENTRIES, NOTICE_WORDS_PER_EXTENT, SlotRef, flags, notice_words,
 };
 
-use crate::datagram::Direction;
-
 /// Returned by `cgroup_skb` programs to let the packet through. lull only observes.
 pub(crate) const PASS: i32 = 1;
 /// Returned by `sock_ops` programs: the callback's own result does not matter to lull.
@@ -121,7 +119,7 @@ fn try_lull_ingress(ctx: &SkBuffContext) -> Result<(), ()> {
     if unsafe { (*st).kind } == SlotRef::DATAGRAM {
         // Every datagram is payload: no header to read.
         if rx_j != now_j {
-            crate::datagram::stamp(st, now_j, Direction::Rx);
+            stamp(st, now_j, Direction::Rx);
         }
         return Ok(());
     }
@@ -417,3 +415,33 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+/// Which stamp a datagram moves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Direction {
+    Rx,
+    Tx,
+}
+
+/// Writes the row's stamp for `direction` and remembers the jiffy in the socket's storage,
+/// unless the registration is gone (a stale generation).
+#[inline(always)]
+pub(crate) fn stamp(st: *mut SlotRef, now_j: u64, direction: Direction) {
+    let Some((entry, _, _)) = registered_entry(st) else {
+        return;
+    };
+    // SAFETY: the helper takes no arguments and cannot fail.
+    let now_ns = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: `entry` points into the array map's value area, valid for the whole program run;
+    // the fields are 8-byte aligned, so each store is one instruction, never torn. `st` is this
+    // socket's storage, valid for the whole program run.
+    unsafe {
+        if direction == Direction::Rx {
+            ptr::addr_of_mut!((*entry).last_rx_ns).write_volatile(now_ns);
+            (*st).rx_jiffies = now_j;
+        } else {
+            ptr::addr_of_mut!((*entry).last_tx_ns).write_volatile(now_ns);
+            (*st).tx_jiffies = now_j;
+        }
+    }
+}

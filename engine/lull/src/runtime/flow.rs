@@ -21,15 +21,12 @@
 //!   the peers of an unconnected socket, and wherever eBPF is unavailable (`TCP_INFO` has
 //!   nothing for UDP). Datagrams the application moves through the bare socket are not seen.
 //!
-//! Every datagram flow has a row in the engine's own memory, which the wrapper stamps
+//! Every datagram flow has a row in the engine's own memory (opened by
+//! [`Shared::attach_flow`](super::shared::Shared::attach_flow)), which the wrapper stamps
 //! whichever observer the engine reads: if the eBPF source fails at run time, the engine
 //! reads those rows instead and the flows keep their stamps.
 
-use std::{net::SocketAddr, os::fd::BorrowedFd};
-
-use crate::activity::Slot;
-
-use super::{WatchError, shared::Shared};
+use std::net::SocketAddr;
 
 /// What sees a UDP flow's datagrams (see the [`Engine::watch`](crate::Engine::watch) docs and
 /// the README's UDP section).
@@ -118,37 +115,6 @@ pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
         },
         SocketAddr::V4(_) => addr,
     }
-}
-
-/// Starts tracking a new flow's activity in `slot`, and says what kind of flow it is.
-pub(crate) fn attach(
-    shared: &Shared,
-    fd: Option<BorrowedFd<'_>>,
-    slot: Slot,
-    now_ns: u64,
-    request: FlowRequest,
-) -> Result<FlowKind, WatchError> {
-    let flow = match (request, fd) {
-        (FlowRequest::Stream, _) => {
-            shared.source().attach(fd, slot, now_ns)?;
-            return Ok(FlowKind::Stream);
-        }
-        (FlowRequest::Connected, Some(fd)) => FlowKind::Datagram {
-            observer: if shared.source().attach_datagram(fd, slot, now_ns)? {
-                Observer::Ebpf
-            } else {
-                Observer::Wrapper
-            },
-            addressed: false,
-        },
-        (FlowRequest::Addressed(_), _) | (FlowRequest::Connected, None) => FlowKind::Datagram {
-            observer: Observer::Wrapper,
-            addressed: true,
-        },
-    };
-    // Every datagram flow has a row its handle stamps, whoever observes it (see `flow`).
-    shared.open_datagram_row(slot, now_ns);
-    Ok(flow)
 }
 
 #[cfg(test)]

@@ -446,7 +446,7 @@ impl Engine {
             .ok_or(WatchError::Full {
                 capacity: shared.slots.capacity(),
             })?;
-        let flow = match flow::attach(shared, fd, slot, now_ns, request) {
+        let flow = match shared.attach_flow(fd, slot, now_ns, request) {
             Ok(flow) => flow,
             Err(err) => {
                 shared.slots.free(slot);

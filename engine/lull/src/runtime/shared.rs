@@ -14,7 +14,7 @@
 use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
-    os::fd::RawFd,
+    os::fd::{BorrowedFd, RawFd},
     sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock},
     time::Duration,
 };
@@ -27,9 +27,9 @@ use crate::{
 };
 
 use super::{
-    Event,
+    Event, WatchError,
     events::{ConnStatsCell, Counters},
-    flow::FlowKind,
+    flow::{FlowKind, FlowRequest, Observer},
 };
 
 /// Index of a policy in an engine's policy table.
@@ -151,6 +151,37 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Starts tracking a new flow's activity in `slot`, and says what kind of flow it is.
+    pub(crate) fn attach_flow(
+        &self,
+        fd: Option<BorrowedFd<'_>>,
+        slot: Slot,
+        now_ns: u64,
+        request: FlowRequest,
+    ) -> Result<FlowKind, WatchError> {
+        let flow = match (request, fd) {
+            (FlowRequest::Stream, _) => {
+                self.source().attach(fd, slot, now_ns)?;
+                return Ok(FlowKind::Stream);
+            }
+            (FlowRequest::Connected, Some(fd)) => FlowKind::Datagram {
+                observer: if self.source().attach_datagram(fd, slot, now_ns)? {
+                    Observer::Ebpf
+                } else {
+                    Observer::Wrapper
+                },
+                addressed: false,
+            },
+            (FlowRequest::Addressed(_), _) | (FlowRequest::Connected, None) => FlowKind::Datagram {
+                observer: Observer::Wrapper,
+                addressed: true,
+            },
+        };
+        // Every datagram flow has a row its handle stamps, whoever observes it (see [`flow`](super::flow)).
+        self.open_datagram_row(slot, now_ns);
+        Ok(flow)
+    }
+
     pub(crate) fn source(&self) -> Arc<dyn ActivitySource> {
         self.source
             .read()
