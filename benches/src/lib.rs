@@ -11,8 +11,8 @@ mod report;
 mod stats;
 
 pub use machine::{
-    allowed_cpus, machine_description, net_counter, pin_thread, process_cpu_ns, thread_cpu_ns,
-    thread_user_system_ns,
+    allowed_cpus, drop_traffic_of, machine_description, net_counter, pin_thread, process_cpu_ns,
+    thread_cpu_ns, thread_user_system_ns,
 };
 pub use report::{BenchReport, Goal, Series, Table, thousands};
 pub use stats::{median, spread};

@@ -1,5 +1,6 @@
 //! Readings of the machine and of this process that benchmarks share: what the machine is,
-//! CPU time, which CPUs a thread runs on, and the kernel's network counters.
+//! CPU time, which CPUs a thread runs on, the kernel's network counters, and the one firewall
+//! rule the benchmarks use to make peers vanish.
 
 use std::{fs, io};
 
@@ -110,4 +111,23 @@ pub fn net_counter(path: &str, group: &str, name: &str) -> Result<u64> {
         .position(|n| n == name)
         .and_then(|i| values.split_whitespace().nth(i)?.parse().ok())
         .with_context(|| format!("no {group} {name} in {path}"))
+}
+
+/// Inserts (`action` "-I") or deletes ("-D") a rule that drops every packet from or to
+/// `cidr` on INPUT: peers there vanish without a FIN or RST. Benchmarks call it only inside
+/// a network namespace of their own.
+pub fn drop_traffic_of(action: &str, cidr: &str) -> Result<()> {
+    for dir in ["-s", "-d"] {
+        let out = std::process::Command::new("iptables")
+            .args(["-w", "5", action, "INPUT", dir, cidr, "-j", "DROP"])
+            .output()
+            .context("running iptables")?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "iptables {action}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+    }
+    Ok(())
 }

@@ -5,14 +5,10 @@
 //! cgroup are killed and the cgroup removed, and the daemon's pins are uninstalled.
 
 use std::{
-    ffi::CString,
     fs::File,
     io::{BufRead as _, BufReader},
     net::TcpStream,
-    os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd},
-        unix::{ffi::OsStrExt as _, process::CommandExt as _},
-    },
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -101,8 +97,10 @@ impl NsServer {
         program: &Path,
         args: &[String],
     ) -> Self {
-        let procs = CString::new(cgroup.path.join("cgroup.procs").as_os_str().as_bytes())
-            .expect("no NUL in a cgroup path");
+        let procs = std::fs::File::options()
+            .write(true)
+            .open(cgroup.path.join("cgroup.procs"))
+            .expect("opening the cgroup's cgroup.procs");
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/var/run/netns/{netns}"))
             .arg("--")
@@ -111,18 +109,7 @@ impl NsServer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        // SAFETY: the closure runs in the child between fork and exec and only makes
-        // async-signal-safe system calls on memory prepared before the fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                libc::close(fd);
-                Ok(())
-            });
-        }
+        lull_harness::process::enter_cgroup_on_exec(&mut cmd, &procs);
         let child = cmd.spawn().expect("spawn nsenter");
         Self {
             port,

@@ -143,3 +143,30 @@ impl Drop for Server {
         }
     }
 }
+
+/// Sends an MQTT 3.1.1 CONNECT (clean session) with client id `id` and MQTT keepalive
+/// `keepalive_s` (0: the broker never drops an idle client; else it drops one silent for 1.5x
+/// that), and asserts the broker's CONNACK accepts it.
+pub fn mqtt_connect(s: &mut std::net::TcpStream, id: &str, keepalive_s: u8) {
+    use std::io::{Read as _, Write as _};
+    let mut packet = vec![
+        0x10,
+        (12 + id.len()) as u8,
+        0,
+        4,
+        b'M',
+        b'Q',
+        b'T',
+        b'T',
+        4,
+        2,
+        0,
+        keepalive_s,
+    ];
+    packet.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    packet.extend_from_slice(id.as_bytes());
+    s.write_all(&packet).expect("send CONNECT");
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).expect("read CONNACK");
+    assert_eq!(ack, [0x20, 2, 0, 0], "CONNACK accepted");
+}

@@ -3,7 +3,7 @@
 //! and a frozen server reported dead where the kernel's keepalive sees nothing wrong.
 
 use std::{
-    io::{Read, Write},
+    io::Read,
     net::TcpStream,
     os::fd::AsRawFd,
     time::{Duration, Instant},
@@ -13,7 +13,7 @@ use lull::activity::{TcpState, tcp_info};
 use lull_tests::{
     cli::{lull_report, report, scratch, spawn_lull},
     serial,
-    servers::Server,
+    servers::{Server, mqtt_connect},
 };
 
 /// Opens `n` plain connections (no lull) and runs `hello` on each.
@@ -92,29 +92,8 @@ fn mosquitto_connections_outlive_the_keepalive_rule() {
     let Some(broker) = Server::mosquitto("mosquitto_connections_outlive_the_keepalive_rule") else {
         return;
     };
-    // MQTT CONNECT, keepalive 2 s, client id; the broker drops a client silent for 1.5x that.
-    let connect = |s: &mut TcpStream, id: &str| {
-        let mut p = vec![
-            0x10,
-            (12 + id.len()) as u8,
-            0,
-            4,
-            b'M',
-            b'Q',
-            b'T',
-            b'T',
-            4,
-            2,
-            0,
-            2,
-        ];
-        p.extend_from_slice(&(id.len() as u16).to_be_bytes());
-        p.extend_from_slice(id.as_bytes());
-        s.write_all(&p).unwrap();
-        let mut ack = [0u8; 4];
-        s.read_exact(&mut ack).unwrap();
-        assert_eq!(ack, [0x20, 2, 0, 0], "CONNACK");
-    };
+    // MQTT keepalive 2 s: the broker drops a client silent for 1.5x that.
+    let connect = |s: &mut TcpStream, id: &str| mqtt_connect(s, id, 2);
     let counter = std::cell::Cell::new(0);
     let without = plain(&broker.addr(), 30, |s| {
         counter.set(counter.get() + 1);

@@ -23,6 +23,7 @@ use lull_tests::{
     },
     netns::NetnsPair,
     serial,
+    servers::mqtt_connect,
 };
 use serde_json::Value;
 
@@ -39,31 +40,6 @@ fn redis_ping(s: &mut TcpStream) {
     let mut buf = [0u8; 7];
     s.read_exact(&mut buf).expect("read +PONG");
     assert_eq!(&buf, b"+PONG\r\n");
-}
-
-/// MQTT CONNECT (protocol 4, clean session, MQTT keepalive 0 so the broker never drops an
-/// idle client), then the CONNACK.
-fn mqtt_connect(s: &mut TcpStream, id: &str) {
-    let mut packet = vec![
-        0x10,
-        (12 + id.len()) as u8,
-        0,
-        4,
-        b'M',
-        b'Q',
-        b'T',
-        b'T',
-        4,
-        2,
-        0,
-        0,
-    ];
-    packet.extend_from_slice(&(id.len() as u16).to_be_bytes());
-    packet.extend_from_slice(id.as_bytes());
-    s.write_all(&packet).expect("send CONNECT");
-    let mut ack = [0u8; 4];
-    s.read_exact(&mut ack).expect("read CONNACK");
-    assert_eq!(ack, [0x20, 2, 0, 0], "CONNACK accepted");
 }
 
 fn set_linger_zero(s: &TcpStream) {
@@ -143,7 +119,7 @@ fn redis_and_mosquitto_connections_get_their_verdicts_and_other_cgroups_are_unto
             redis_ping(&mut r);
             v.push(("redis", *end, r));
             let mut m = connect(server(MQTT));
-            mqtt_connect(&mut m, &format!("lull-test-{i}"));
+            mqtt_connect(&mut m, &format!("lull-test-{i}"), 0);
             v.push(("mqtt", *end, m));
         }
         v
@@ -154,7 +130,7 @@ fn redis_and_mosquitto_connections_get_their_verdicts_and_other_cgroups_are_unto
         redis_ping(&mut r);
         clients.push(("redis", End::Close, r));
         let mut m = connect(SocketAddr::new(v6.ip(), MQTT));
-        mqtt_connect(&mut m, "lull-test-v6");
+        mqtt_connect(&mut m, "lull-test-v6", 0);
         clients.push(("mqtt", End::Close, m));
     });
     let unwatched: Vec<TcpStream> = ns.within(&ns.a, || {

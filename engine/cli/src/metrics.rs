@@ -5,11 +5,11 @@
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Mutex, PoisonError},
     time::Duration,
 };
 
-use anyhow::{Result, anyhow};
+use anyhow::{Context as _, Result, anyhow};
 use lull::EngineStats;
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -126,26 +126,7 @@ impl Metrics {
             "Keep-warm and liveness datagrams sent to UDP flows (also counted in probes_sent)",
             metrics.udp_probes_sent.clone(),
         );
-        let registry = Arc::new(registry);
-        std::thread::Builder::new()
-            .name("lull-metrics".into())
-            .spawn(move || {
-                for request in server.incoming_requests() {
-                    let response = if request.url() == "/metrics" {
-                        let mut body = String::new();
-                        let _ = encode(&mut body, &registry);
-                        let header = tiny_http::Header::from_bytes(
-                            "Content-Type",
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )
-                        .expect("a valid static header");
-                        tiny_http::Response::from_string(body).with_header(header)
-                    } else {
-                        tiny_http::Response::from_string("see /metrics\n").with_status_code(404)
-                    };
-                    let _ = request.respond(response);
-                }
-            })?;
+        serve_page(server, registry, || {})?;
         tracing::info!("serving Prometheus metrics on http://{addr}/metrics");
         Ok(metrics)
     }
@@ -222,4 +203,35 @@ impl Metrics {
     pub fn observe_detection(&self, latency: Duration) {
         self.detection.observe(latency.as_secs_f64());
     }
+}
+
+/// Serves `registry` on `/metrics` from a thread of its own, calling `refresh` before each
+/// scrape (for figures that are read on demand rather than pushed).
+pub fn serve_page(
+    server: tiny_http::Server,
+    registry: Registry,
+    mut refresh: impl FnMut() + Send + 'static,
+) -> Result<()> {
+    std::thread::Builder::new()
+        .name("lull-metrics".into())
+        .spawn(move || {
+            for request in server.incoming_requests() {
+                let response = if request.url() == "/metrics" {
+                    refresh();
+                    let mut body = String::new();
+                    let _ = encode(&mut body, &registry);
+                    let header = tiny_http::Header::from_bytes(
+                        "Content-Type",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )
+                    .expect("a valid static header");
+                    tiny_http::Response::from_string(body).with_header(header)
+                } else {
+                    tiny_http::Response::from_string("see /metrics\n").with_status_code(404)
+                };
+                let _ = request.respond(response);
+            }
+        })
+        .context("starting the metrics thread")?;
+    Ok(())
 }

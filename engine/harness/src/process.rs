@@ -57,6 +57,26 @@ fn syscall_error(call: &str) -> io::Error {
     io::Error::new(err.kind(), format!("{call}: {err}"))
 }
 
+/// Makes `command`'s process move into the cgroup whose `cgroup.procs` is `procs` (open for
+/// writing) before it runs anything, so that every socket it opens belongs there. `procs`
+/// must stay open until the command is spawned.
+pub fn enter_cgroup_on_exec(command: &mut std::process::Command, procs: &std::fs::File) {
+    use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
+    let fd = procs.as_raw_fd();
+    // SAFETY: between fork and exec only async-signal-safe calls are allowed; write(2) is one,
+    // on an fd opened before the fork (inherited, and closed at exec).
+    unsafe {
+        command.pre_exec(move || {
+            // Writing 0 to cgroup.procs moves the writing process.
+            if libc::write(fd, b"0".as_ptr().cast(), 1) == 1 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

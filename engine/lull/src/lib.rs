@@ -13,6 +13,7 @@
 #![warn(missing_docs)]
 
 pub mod activity;
+mod bpf_syscall;
 pub mod clock;
 pub mod host;
 mod memory;

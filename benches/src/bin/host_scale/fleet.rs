@@ -9,10 +9,8 @@
 //! every candidate's users, makes each `connect` slower than the last, quadratically.
 
 use std::{
-    ffi::CString,
     io::{BufRead, BufReader, Write},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
-    os::unix::process::CommandExt as _,
     path::Path,
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     sync::{
@@ -44,24 +42,16 @@ pub struct Kid {
 impl Kid {
     /// Starts `host-scale <args>` in `cgroup` (joined between fork and exec).
     pub fn spawn(cgroup: &Path, args: &[String]) -> Result<Self> {
-        let procs = CString::new(cgroup.join("cgroup.procs").display().to_string())?;
+        let procs = std::fs::File::options()
+            .write(true)
+            .open(cgroup.join("cgroup.procs"))
+            .with_context(|| format!("opening {}/cgroup.procs", cgroup.display()))?;
         let mut cmd = Command::new(std::env::current_exe()?);
         cmd.args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        // SAFETY: runs in the child between fork and exec; only async-signal-safe calls on
-        // memory prepared before the fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                libc::close(fd);
-                Ok(())
-            });
-        }
+        lull_harness::process::enter_cgroup_on_exec(&mut cmd, &procs);
         let mut child = cmd.spawn().context("starting a host-scale child")?;
         let stdin = child.stdin.take();
         let stdout = BufReader::new(child.stdout.take().context("child stdout")?);

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
 
 use crate::fleet::SAMPLE_SOURCE;
 
@@ -170,20 +170,7 @@ impl Drop for Blackhole {
 }
 
 fn iptables(action: &str) -> Result<()> {
-    for dir in ["-s", "-d"] {
-        let out = Command::new("iptables")
-            .args(["-w", "5", action, "INPUT", dir, &SAMPLE_SOURCE.to_string()])
-            .args(["-j", "DROP"])
-            .output()
-            .context("running iptables")?;
-        if !out.status.success() {
-            bail!(
-                "iptables {action}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-    }
-    Ok(())
+    lull_benches::drop_traffic_of(action, &SAMPLE_SOURCE.to_string())
 }
 
 /// The size of the events file now: where this step's verdicts start.

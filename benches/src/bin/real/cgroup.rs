@@ -9,7 +9,7 @@
 
 use std::{
     fs::File,
-    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
@@ -75,20 +75,7 @@ impl RunCgroup {
     /// Makes `command`'s process move into this cgroup before it runs anything, so that every
     /// socket it opens belongs here.
     pub fn enter_on_exec(&self, command: &mut Command) {
-        use std::os::unix::process::CommandExt as _;
-        let fd = self.procs.as_raw_fd();
-        // SAFETY: between fork and exec only async-signal-safe calls are allowed; write(2) is
-        // one, on an fd opened before the fork (inherited, and closed at exec).
-        unsafe {
-            command.pre_exec(move || {
-                // Writing 0 to cgroup.procs moves the writing process.
-                if libc::write(fd, b"0".as_ptr().cast(), 1) == 1 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
-        }
+        lull_harness::process::enter_cgroup_on_exec(command, &self.procs);
     }
 }
 

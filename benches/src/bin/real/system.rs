@@ -5,10 +5,9 @@ use std::{
     collections::{HashMap, HashSet},
     fs,
     os::fd::AsRawFd,
-    process::Command,
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
 use lull_benches::net_counter;
 use socket2::{Domain, Socket, Type};
 
@@ -54,20 +53,7 @@ pub fn private_netns() -> Result<()> {
 /// Adds (`-I`) or deletes (`-D`) the rules that drop every packet to and from the vanishing
 /// peers. Only ever called inside [`private_netns`].
 pub fn blackhole(action: &str) -> Result<()> {
-    for dir in ["-s", "-d"] {
-        let out = Command::new("iptables")
-            .args(["-w", "5", action, "INPUT", dir, crate::proto::VANISH_SUBNET])
-            .args(["-j", "DROP"])
-            .output()
-            .context("running iptables")?;
-        if !out.status.success() {
-            bail!(
-                "iptables {action}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-    }
-    Ok(())
+    lull_benches::drop_traffic_of(action, crate::proto::VANISH_SUBNET)
 }
 
 /// Whole-system CPU time from `/proc/stat`, in ticks.

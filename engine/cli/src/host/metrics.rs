@@ -5,15 +5,12 @@
 //! and they survive restarts (a restart looks to Prometheus like time passing, not a reset).
 //! The age histogram is fed by the verdicts this process reads.
 
-use std::{
-    net::{SocketAddr, ToSocketAddrs as _},
-    sync::{Mutex, PoisonError},
-};
+use std::net::{SocketAddr, ToSocketAddrs as _};
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Result, anyhow};
 use lull::host::{CountersReader, HostPaths, Verdict, VerdictKind};
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    encoding::EncodeLabelSet,
     metrics::{
         counter::Counter,
         family::Family,
@@ -156,31 +153,8 @@ impl HostMetrics {
             "Rule reloads (SIGHUP), by result",
             metrics.reloads.clone(),
         );
-        let kernel = Mutex::new(kernel);
-        std::thread::Builder::new()
-            .name("lull-metrics".into())
-            .spawn(move || {
-                for request in server.incoming_requests() {
-                    let response = if request.url() == "/metrics" {
-                        kernel
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .refresh();
-                        let mut body = String::new();
-                        let _ = encode(&mut body, &registry);
-                        let header = tiny_http::Header::from_bytes(
-                            "Content-Type",
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )
-                        .expect("a valid static header");
-                        tiny_http::Response::from_string(body).with_header(header)
-                    } else {
-                        tiny_http::Response::from_string("see /metrics\n").with_status_code(404)
-                    };
-                    let _ = request.respond(response);
-                }
-            })
-            .context("starting the metrics thread")?;
+        let mut kernel = kernel;
+        crate::metrics::serve_page(server, registry, move || kernel.refresh())?;
         tracing::info!("serving Prometheus metrics on http://{addr}/metrics");
         Ok(metrics)
     }

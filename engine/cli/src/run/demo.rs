@@ -6,7 +6,6 @@ use std::{
     fs::File,
     io::{BufRead, BufReader},
     net::{TcpStream, UdpSocket},
-    os::{fd::AsRawFd, unix::process::CommandExt},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -71,19 +70,7 @@ fn spawn_population(processes: u64, script: &Script, outside: Option<File>) -> R
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());
         if let Some(procs) = &outside {
-            let fd = procs.as_raw_fd();
-            // SAFETY: between fork and exec only async-signal-safe calls are allowed; write(2)
-            // is one, on an fd opened before the fork (inherited, and closed at exec).
-            unsafe {
-                command.pre_exec(move || {
-                    // Writing 0 to cgroup.procs moves the writing process.
-                    if libc::write(fd, b"0".as_ptr().cast(), 1) == 1 {
-                        Ok(())
-                    } else {
-                        Err(std::io::Error::last_os_error())
-                    }
-                });
-            }
+            lull_harness::process::enter_cgroup_on_exec(&mut command, procs);
         }
         let mut child = command
             .spawn()

@@ -211,8 +211,8 @@ impl ActivityError {
     }
 }
 
-/// Renders an error and its sources as "outer: inner: root". aya's errors keep the errno in a
-/// source, and a message without it does not say what went wrong.
+/// Renders an error and its sources as "outer: inner: root". aya's errors keep the errno (and
+/// the verifier's log) in a source, and a message without it does not say what went wrong.
 pub(crate) fn chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut out = err.to_string();
     let mut cause = err.source();

@@ -220,6 +220,23 @@ impl SockOffsets {
     }
 }
 
+/// The running kernel's BTF for a test, or `None` (the test skips, saying so) where the
+/// kernel has none, unless `LULL_REQUIRE_EBPF=1` makes that a failure. Kernel BTF comes with
+/// every kernel that can run lull's eBPF source.
+#[cfg(test)]
+pub(crate) fn this_kernels_btf() -> Option<KernelBtf> {
+    match KernelBtf::load() {
+        Ok(btf) => Some(btf),
+        Err(err) if std::env::var("LULL_REQUIRE_EBPF").as_deref() == Ok("1") => {
+            panic!("LULL_REQUIRE_EBPF=1 but {err}")
+        }
+        Err(err) => {
+            eprintln!("SKIPPED: {err}; set LULL_REQUIRE_EBPF=1 to fail instead");
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,16 +265,8 @@ mod tests {
     /// which begins with `struct sock`: the program relies on that, so check it here.
     #[test]
     fn finds_the_fields_lull_reads_in_this_kernel() {
-        let btf = match KernelBtf::load() {
-            Ok(btf) => btf,
-            // Kernel BTF comes with every kernel that can run lull's eBPF source.
-            Err(err) if std::env::var("LULL_REQUIRE_EBPF").as_deref() == Ok("1") => {
-                panic!("LULL_REQUIRE_EBPF=1 but {err}")
-            }
-            Err(err) => {
-                eprintln!("SKIPPED: {err}; set LULL_REQUIRE_EBPF=1 to fail instead");
-                return;
-            }
+        let Some(btf) = this_kernels_btf() else {
+            return;
         };
         let offsets = SockOffsets::from_btf(&btf).expect("sk_err and icsk_probes_out");
         assert_eq!(

@@ -30,6 +30,7 @@ pub use cgroup::{
     CgroupScope, OwnCgroup, cgroup_id, cgroup2_root, check_cgroup_dir, current_cgroup, move_self_to,
 };
 pub use error::ActivityError;
+pub(crate) use error::chain;
 pub use extents::EXTENT_ROWS;
 pub use host_users::{HostUser, PIN_ROOT, PinnedBuild, pinned_builds};
 pub use lull_common::flags;

@@ -157,18 +157,4 @@ impl HostError {
     }
 }
 
-/// Renders an error and its sources as "outer: inner: root": aya keeps the errno (and the
-/// verifier's log) in a source, and a message without it does not say what went wrong.
-pub(crate) fn chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut cause = err.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !out.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        cause = c.source();
-    }
-    out
-}
+pub(crate) use crate::activity::chain;

@@ -243,14 +243,16 @@ impl Kernel {
     /// of cgroups no longer wanted (which detaches them). Returns how many links it made.
     pub(crate) fn sync_links(&self, wanted: &[(u64, PathBuf)]) -> Result<usize, HostError> {
         let prog = self.sock_ops_fd()?;
-        let prog_id = sys::prog_id(prog)?;
+        let prog_id = crate::bpf_syscall::prog_id(prog)
+            .map_err(|e| HostError::syscall("bpf(BPF_OBJ_GET_INFO_BY_FD) on a program", e))?;
         let dir = self.paths.links();
         let mut made = 0;
         for (id, path) in wanted {
             let pin = dir.join(id.to_string());
             if pin.exists() {
                 let link = sys::obj_get(&pin)?;
-                let info = sys::link_info(link.as_fd())?;
+                let info = crate::bpf_syscall::link_info(link.as_fd())
+                    .map_err(|e| HostError::syscall("bpf(BPF_OBJ_GET_INFO_BY_FD) on a link", e))?;
                 if info.cgroup_id == *id {
                     if info.prog_id != prog_id {
                         sys::link_update(link.as_fd(), prog, &pin.display().to_string())?;

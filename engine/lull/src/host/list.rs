@@ -287,22 +287,7 @@ impl CountersReader {
 
     /// The counters of every slot, summed over CPUs (index = slot).
     pub fn read(&self) -> Result<Vec<RuleCounters>, HostError> {
-        (0..RULE_SLOTS as u32)
-            .map(|slot| {
-                let per_cpu = self
-                    .counters
-                    .get(&slot, 0)
-                    .map_err(|source| HostError::Map {
-                        name: HOST_COUNTERS_MAP,
-                        source,
-                    })?;
-                let mut sum = RuleCounters::default();
-                for c in per_cpu.iter() {
-                    sum.add(c);
-                }
-                Ok(sum)
-            })
-            .collect()
+        sum_counters(&self.counters)
     }
 
     /// Rule names by slot ("" for a free slot).
@@ -328,4 +313,23 @@ where
     let data = MapData::from_pin(path).map_err(|source| HostError::Map { name, source })?;
     let map = Map::from_map_data(data).map_err(|source| HostError::Map { name, source })?;
     T::try_from(map).map_err(|source| HostError::Map { name, source })
+}
+
+/// The counters of every slot of `counters`, summed over CPUs (index = slot).
+pub(crate) fn sum_counters(
+    counters: &PerCpuArray<MapData, RuleCounters>,
+) -> Result<Vec<RuleCounters>, HostError> {
+    (0..RULE_SLOTS as u32)
+        .map(|slot| {
+            let per_cpu = counters.get(&slot, 0).map_err(|source| HostError::Map {
+                name: HOST_COUNTERS_MAP,
+                source,
+            })?;
+            let mut sum = RuleCounters::default();
+            for c in per_cpu.iter() {
+                sum.add(c);
+            }
+            Ok(sum)
+        })
+        .collect()
 }

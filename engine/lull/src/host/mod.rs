@@ -51,7 +51,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use lull_common::host::{RULE_SLOTS, RuleCounters, VerdictEvent};
+use lull_common::host::{RuleCounters, VerdictEvent};
 
 pub use error::HostError;
 pub use iter::{Missed, PickupReport};
@@ -350,22 +350,7 @@ fn cover(rules: &Rules, ids: &[u64]) -> Vec<(u64, PathBuf)> {
 
 /// Sums the per-CPU counters of every slot.
 fn read_counters(kernel: &Kernel) -> Result<Vec<RuleCounters>, HostError> {
-    (0..RULE_SLOTS as u32)
-        .map(|slot| {
-            let per_cpu = kernel
-                .counters
-                .get(&slot, 0)
-                .map_err(|source| HostError::Map {
-                    name: "HOST_COUNTERS",
-                    source,
-                })?;
-            let mut sum = RuleCounters::default();
-            for c in per_cpu.iter() {
-                sum.add(c);
-            }
-            Ok(sum)
-        })
-        .collect()
+    list::sum_counters(&kernel.counters)
 }
 
 /// Whether instance `paths` runs: `Some(pid)` (0 if its lock file has no pid) or `None`.

@@ -7,41 +7,21 @@ use std::{
     ffi::CString,
     io,
     os::{
-        fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+        fd::{AsRawFd, BorrowedFd, OwnedFd},
         unix::ffi::OsStrExt,
     },
     path::Path,
 };
 
 use super::HostError;
-
-const BPF_OBJ_PIN: libc::c_long = 6;
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-const BPF_LINK_CREATE: libc::c_long = 28;
-const BPF_LINK_UPDATE: libc::c_long = 29;
-const BPF_ITER_CREATE: libc::c_long = 33;
+use crate::bpf_syscall::{
+    BPF_ITER_CREATE, BPF_LINK_CREATE, BPF_LINK_UPDATE, BPF_OBJ_GET, BPF_OBJ_PIN, bpf, new_fd,
+};
 
 /// `BPF_CGROUP_SOCK_OPS`.
 pub(crate) const ATTACH_CGROUP_SOCK_OPS: u32 = 3;
 /// `BPF_TRACE_ITER`.
 pub(crate) const ATTACH_TRACE_ITER: u32 = 28;
-
-fn bpf(cmd: libc::c_long, attr: *mut libc::c_void, size: usize) -> io::Result<libc::c_long> {
-    // SAFETY: every caller passes a live, zero-padded attribute struct of `size` bytes laid out
-    // as the kernel expects for `cmd`; pointers inside it point to live memory.
-    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, size) };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
-fn new_fd(ret: libc::c_long) -> OwnedFd {
-    // SAFETY: the syscall returned a new fd that nothing else owns.
-    unsafe { OwnedFd::from_raw_fd(ret as RawFd) }
-}
 
 fn c_path(path: &Path) -> Result<CString, HostError> {
     CString::new(path.as_os_str().as_bytes()).map_err(|_| {
@@ -124,71 +104,6 @@ pub(crate) fn iter_create(link: BorrowedFd<'_>) -> Result<std::fs::File, HostErr
     )
     .map(|fd| std::fs::File::from(new_fd(fd)))
     .map_err(|e| HostError::syscall("bpf(BPF_ITER_CREATE)", e))
-}
-
-/// What `BPF_OBJ_GET_INFO_BY_FD` says of a link.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct LinkInfo {
-    /// The link's id.
-    pub(crate) id: u32,
-    /// The program it runs.
-    pub(crate) prog_id: u32,
-    /// For a cgroup link: the cgroup's id, 0 once the cgroup was removed (the link is
-    /// defunct).
-    pub(crate) cgroup_id: u64,
-}
-
-/// `BPF_OBJ_GET_INFO_BY_FD` on a link.
-pub(crate) fn link_info(link: BorrowedFd<'_>) -> Result<LinkInfo, HostError> {
-    // struct bpf_link_info: type, id, prog_id (u32 each), then an 8-aligned union whose cgroup
-    // member starts with `__u64 cgroup_id`. Oversized and zeroed, as the kernel accepts.
-    let mut info = [0u64; 16];
-    #[repr(C)]
-    struct InfoAttr {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
-    let mut attr = InfoAttr {
-        bpf_fd: link.as_raw_fd() as u32,
-        info_len: size_of_val(&info) as u32,
-        info: info.as_mut_ptr() as u64,
-    };
-    bpf(
-        BPF_OBJ_GET_INFO_BY_FD,
-        (&raw mut attr).cast(),
-        size_of::<InfoAttr>(),
-    )
-    .map_err(|e| HostError::syscall("bpf(BPF_OBJ_GET_INFO_BY_FD) on a link", e))?;
-    Ok(LinkInfo {
-        id: (info[0] >> 32) as u32,
-        prog_id: info[1] as u32,
-        cgroup_id: info[2],
-    })
-}
-
-/// The id of a program, from its fd.
-pub(crate) fn prog_id(prog: BorrowedFd<'_>) -> Result<u32, HostError> {
-    // struct bpf_prog_info begins with type (u32) and id (u32).
-    let mut info = [0u32; 64];
-    #[repr(C)]
-    struct InfoAttr {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
-    let mut attr = InfoAttr {
-        bpf_fd: prog.as_raw_fd() as u32,
-        info_len: size_of_val(&info) as u32,
-        info: info.as_mut_ptr() as u64,
-    };
-    bpf(
-        BPF_OBJ_GET_INFO_BY_FD,
-        (&raw mut attr).cast(),
-        size_of::<InfoAttr>(),
-    )
-    .map_err(|e| HostError::syscall("bpf(BPF_OBJ_GET_INFO_BY_FD) on a program", e))?;
-    Ok(info[1])
 }
 
 /// Moves the calling thread into the network namespace `ns` (an open `/proc/PID/ns/net`).
