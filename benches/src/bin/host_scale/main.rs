@@ -270,9 +270,9 @@ fn run(args: &RunArgs) -> Result<report::HostScaleReport> {
         log: daemon
             .log()
             .lines()
-            .find(|l| l.contains("existing connections:"))
-            .unwrap_or_default()
-            .to_string(),
+            .find_map(|l| l.split_once("existing connections:"))
+            .map(|(_, said)| said.trim().to_string())
+            .unwrap_or_default(),
     };
     let sample_server = fleet.sample_server()?;
     let rss_start = Usage::read(daemon.pid())?.rss;

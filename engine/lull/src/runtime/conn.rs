@@ -536,7 +536,12 @@ pub(crate) fn decide_tiered(
             arm
         }
     };
+    let before = *c;
     match decide(c, p, a, now, base, resolution) {
+        Verdict::Probe(_) if before.phase() == Phase::Watching && kernel_probing(info) => {
+            *c = before;
+            Verdict::Rearm(after_kernel_probe(p, info, now))
+        }
         Verdict::Rearm(arm) => Verdict::Rearm(sooner(arm)),
         Verdict::Answered { rtt, next } => Verdict::Answered {
             rtt,
@@ -548,6 +553,30 @@ pub(crate) fn decide_tiered(
     }
 }
 
+/// Whether the kernel's keepalive has probes out that the peer has not answered yet.
+///
+/// A tiered connection's application probe waits while it has: lull's probe would be data in
+/// flight, which stops the kernel's keepalive and leaves the verdict to the retransmission
+/// timer, up to `TCP_USER_TIMEOUT` after lull's probe instead of `idle + count * interval`
+/// after the peer was last heard. A vanished peer would then be found late, by up to
+/// `count` intervals.
+pub(crate) fn kernel_probing(info: &libc::tcp_info) -> bool {
+    info.tcpi_probes > 0
+}
+
+/// When to look again at a tiered connection whose application probe waits for the kernel's
+/// keepalive ([`kernel_probing`]): soon, because a live peer's kernel answers within a round
+/// trip and the probe should not wait long (its verdict is due by `hung_after`), and at the
+/// latest when the kernel gives up, whose notice then makes the verdict the transport tier's.
+pub(crate) fn after_kernel_probe(p: &CompiledPolicy, info: &libc::tcp_info, now: u64) -> Arm {
+    let last_ack = now.saturating_sub(u64::from(info.tcpi_last_ack_recv) * 1_000_000);
+    let kernel_verdict = (last_ack + p.kernel_verdict_ns()).max(now) + KERNEL_VERDICT_SLACK_NS;
+    Arm::exact(kernel_verdict.min(now + (p.interval_ns / 4).max(KERNEL_PROBE_LOOK_MIN_NS)))
+}
+
+/// The shortest wait for a kernel keepalive probe's answer.
+const KERNEL_PROBE_LOOK_MIN_NS: u64 = 10_000_000;
+
 /// How long after the kernel could have given up the engine looks: its keepalive timer runs
 /// with jiffy resolution and may fire late under load.
 const KERNEL_VERDICT_SLACK_NS: u64 = 250_000_000;
@@ -556,3 +585,5 @@ const KERNEL_VERDICT_SLACK_NS: u64 = 250_000_000;
 mod datagram_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tiered_tests;

@@ -13,8 +13,8 @@ use super::{
     super::{
         CloseReason, ConnId, DeadTier, Event, Observer,
         conn::{
-            Arm, CompiledPolicy, ConnState, Phase, ProbeKind, Verdict, decide, decide_kernel,
-            decide_tiered,
+            Arm, CompiledPolicy, ConnState, Phase, ProbeKind, Verdict, after_kernel_probe, decide,
+            decide_kernel, decide_tiered, kernel_probing,
         },
         events::{bump, drop_one},
     },
@@ -80,14 +80,31 @@ impl Worker {
                 (now, base),
                 self.resolution_ns,
             ),
-            _ => decide(
-                &mut self.conns[local],
-                p,
-                &activity,
-                now,
-                base,
-                self.resolution_ns,
-            ),
+            _ => {
+                let verdict = decide(
+                    &mut self.conns[local],
+                    p,
+                    &activity,
+                    now,
+                    base,
+                    self.resolution_ns,
+                );
+                // A source that reports the kernel's timeouts needs no TCP_INFO to watch the
+                // transport, but a tiered connection about to get lull's first probe asks it
+                // once whether the kernel's keepalive is probing (see `kernel_probing`).
+                match (&verdict, fd) {
+                    (Verdict::Probe(_), Some(fd)) if p.tiered && c.phase() == Phase::Watching => {
+                        match tcp_info(fd) {
+                            Ok(info) if kernel_probing(&info) => {
+                                self.conns[local] = c;
+                                Verdict::Rearm(after_kernel_probe(p, &info, now))
+                            }
+                            _ => verdict,
+                        }
+                    }
+                    _ => verdict,
+                }
+            }
         };
         self.gauge(c.phase(), self.conns[local].phase());
         // Something arrived since the connection's last probe (or since it was watched): an
