@@ -243,8 +243,7 @@ pub fn build(
             "lull's own kernel memory per connection is the Slab growth across `lull host`'s \
              start, which picked up {} existing connections: their socket storage. lull host \
              said of them: \"{}\".",
-            pickup.conns,
-            pickup.log
+            pickup.conns, pickup.log
         ),
         "`lull ls --json` is timed from its start to the end of its output, read through a \
          pipe; it walks the TCP tables of every network namespace (the client ends too) and \
